@@ -1,0 +1,17 @@
+"""Model layer: pure torch + transformers (no Lightning anywhere below here)."""
+
+from .multimodal_language_model import (
+    ModalEncoderModule,
+    MultimodalModel,
+    MultimodalModelConfig,
+    MultimodalProjector,
+    MultimodalProjectorConfig,
+)
+
+__all__ = [
+    "ModalEncoderModule",
+    "MultimodalModel",
+    "MultimodalModelConfig",
+    "MultimodalProjector",
+    "MultimodalProjectorConfig",
+]
