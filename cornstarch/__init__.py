@@ -4,6 +4,7 @@ from .models import (
     ModalEncoderModule,
     MultimodalModel,
     MultimodalModelConfig,
+    MultimodalProcessor,
     MultimodalProjector,
     MultimodalProjectorConfig,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "ModalEncoderModule",
     "MultimodalModel",
     "MultimodalModelConfig",
+    "MultimodalProcessor",
     "MultimodalProjector",
     "MultimodalProjectorConfig",
     "__version__",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import transformers as tf
 from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
@@ -122,3 +124,72 @@ def batch_with_placeholders(counts_per_sample: list[list[tuple[int, int]]], seq_
         rows.append(pad + ids if pad_left else ids + pad)
         masks.append([0] * len(pad) + mask if pad_left else mask + [0] * len(pad))
     return torch.tensor(rows), torch.tensor(masks)
+
+
+@contextmanager
+def captured_inputs_embeds(language_model: torch.nn.Module):
+    """Collect (detached copies of) the ``inputs_embeds`` each call of ``language_model`` receives."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["inputs_embeds"].detach().clone())
+
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+WORDS = ("USER ASSISTANT : what is this which digit shown and played ? the a an image audio picture sound "
+         "zero one two three four five six seven eight nine describe hello world").split()
+
+
+def tokenizer():
+    """A word-level fast tokenizer (ids: <pad>=0, <s>=1, </s>=2, <unk>=3) that adds <s> like Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def pil_images(n: int, size: int = 40, seed: int = 0):
+    """Random RGB PIL images (processors resize them to IMAGE_SIZE)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def image_processor(family: str):
+    """A processor producing IMAGE_SIZE×IMAGE_SIZE pixel_values for the family's tower."""
+    if family == "clip":
+        return tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if family == "siglip":
+        return tf.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if family == "vit":
+        return tf.ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if family == "dinov2":
+        return tf.BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    raise KeyError(family)
+
+
+AUDIO_RATE = 2560  # with hop 160 and 2-second chunks: 32 frames = 2 * AUDIO_POSITIONS
+
+
+def audio_processor():
+    return tf.WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=AUDIO_RATE, hop_length=160, chunk_length=2,
+                                      n_fft=400)
+
+
+def waveforms(n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(AUDIO_RATE // 2 + 100 * i).astype("float32") for i in range(n)]

@@ -4,6 +4,7 @@ from .multimodal_language_model import (
     ModalEncoderModule,
     MultimodalModel,
     MultimodalModelConfig,
+    MultimodalProcessor,
     MultimodalProjector,
     MultimodalProjectorConfig,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "ModalEncoderModule",
     "MultimodalModel",
     "MultimodalModelConfig",
+    "MultimodalProcessor",
     "MultimodalProjector",
     "MultimodalProjectorConfig",
 ]

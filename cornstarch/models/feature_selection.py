@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .feature_counts import changes_feature_count
+
 
 def request_hidden_states(inputs: dict[str, Any]) -> dict[str, Any]:
     """``preprocess_callback`` asking the encoder for its hidden states (only layer -2 is kept in memory).
@@ -25,6 +27,7 @@ def request_hidden_states(inputs: dict[str, Any]) -> dict[str, Any]:
     return {**inputs, "output_hidden_states": -2}
 
 
+@changes_feature_count(lambda n: n - 1)
 def penultimate_layer_without_cls(inputs: dict[str, Any], output: Any) -> tuple:
     """``postprocess_module_callback`` returning layer -2's hidden states without the CLS token (Llava's default).
 
