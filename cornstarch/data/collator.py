@@ -1,0 +1,218 @@
+"""Collate raw samples into model batches: media, chat text, placeholder expansion, labels, padding."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from .conversation import render_segments, to_messages
+from .media import SampleError, load_audio, load_image
+
+# Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
+DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
+MEDIA_FIELDS = frozenset({"images", "audios", "videos"})
+# First argument names of audio processors (feature extractors); their items are waveforms.
+AUDIO_ARGUMENTS = frozenset({"raw_speech", "audio", "audios"})
+
+
+def default_fields(keys: Sequence[str]) -> dict[str, str]:
+    """Modality key → sample field.
+
+    >>> default_fields(["vision", "audio", "depth"])
+    {'vision': 'images', 'audio': 'audios', 'depth': 'depths'}
+    """
+    return {key: DEFAULT_FIELDS.get(key, f"{key}s") for key in keys}
+
+
+def _first_argument(processor: Any) -> str:
+    params = [p for p in inspect.signature(processor.__call__).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return params[0].name
+
+
+@dataclass
+class MultimodalCollator:
+    """Turns a list of samples into ``input_ids``, ``attention_mask``, ``labels`` and per-modality tensors.
+
+    A sample is ``{"messages": [...]}`` or ``{"prompt": ..., "answer": ...}`` plus a list of items per modality
+    field (``images``, ``audios``; see ``fields``). Only answers are supervised: prompt, modality tokens and
+    padding are -100. Modality tokens per sample are counted here, on the CPU.
+
+    Args:
+        processor: the :class:`MultimodalProcessor` (tokenizer, encoder processors, token ids, feature counts).
+        fields: modality key → sample field; default ``vision→images``, ``audio→audios``, other ``key→keys``.
+        max_length: longest allowed sequence; ``None`` for no limit. Modality spans are never cut.
+        on_too_long: ``"error"`` (raise, naming the sample) or ``"skip"`` (drop it; counted in ``skipped``).
+        padding_side: ``"right"`` for training, ``"left"`` for generation.
+        generate: build prompts only (ending with the assistant prompt) and return the reference ``answers``.
+        sampling_rate: audio rate the audio processor expects (waveforms are resampled to it).
+        processor_kwargs: extra keyword arguments for the encoder processors.
+        base_dir: directory that relative media paths are relative to.
+
+    Raises (when called):
+        SampleError (a ``ValueError``): naming the sample index and field, for placeholder/item mismatches, missing
+            or corrupt files, unsupported file types, empty answers, over-long samples, unknown modalities.
+
+    >>> # collate = MultimodalCollator(processor, max_length=256)
+    >>> # batch = collate([{"prompt": "<image> Which digit?", "answer": "seven", "images": [img]}])
+    """
+
+    processor: Any
+    fields: Mapping[str, str] | None = None
+    max_length: int | None = None
+    on_too_long: str = "error"
+    padding_side: str = "right"
+    generate: bool = False
+    sampling_rate: int = 16000
+    processor_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    base_dir: str | None = None
+    skipped: int = 0
+
+    def __post_init__(self):
+        if self.on_too_long not in ("error", "skip"):
+            raise ValueError(f"on_too_long must be 'error' or 'skip', got {self.on_too_long!r}.")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
+        keys = list(self.processor.encoder_processors)
+        self.fields = {**default_fields(keys), **dict(self.fields or {})}
+        self._inputs = {key: _first_argument(self.processor.encoder_processors[key]) for key in keys}
+        tok = self.processor.tokenizer
+        probe = tok("a")["input_ids"]
+        self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
+
+    def _is_audio(self, key: str) -> bool:
+        return self._inputs[key] in AUDIO_ARGUMENTS
+
+    # ----------------------------------------------------------------------------------------------- per sample
+    def _items(self, sample: Mapping[str, Any], index: Any) -> dict[str, list[Any]]:
+        unknown = [f for f in sample if f in MEDIA_FIELDS - set(self.fields.values()) and sample[f]]
+        if unknown:
+            raise SampleError(index, unknown[0], f"the model has no encoder for this modality "
+                                                 f"(encoders: {list(self.fields)}).")
+        items = {}
+        for key, name in self.fields.items():
+            values = sample.get(name) or []
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if self._is_audio(key):
+                rate = sample.get("sampling_rate") or self.sampling_rate
+                values = [{"array": v, "sampling_rate": rate} if isinstance(v, (list, np.ndarray)) else v for v in values]
+                items[key] = [load_audio(v, index, name, self.sampling_rate, self.base_dir) for v in values]
+            else:
+                items[key] = [load_image(v, index, name, self.base_dir) for v in values]
+        return items
+
+    def _segments(self, sample: Mapping[str, Any], index: Any) -> list[tuple[str, bool]]:
+        messages = to_messages(dict(sample), index, need_answer=not self.generate)
+        return render_segments(self.processor.tokenizer, messages, index, generation_prompt=self.generate)
+
+    def _tokenize(self, segments: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
+        """All samples' segments in one tokenizer call → per sample (ids, labels) with one placeholder per item."""
+        texts = [text for sample in segments for text, _ in sample]
+        encoded = iter(self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        bos_text = self.processor.tokenizer.bos_token
+        out = []
+        for sample in segments:
+            ids, labels = [], []
+            for text, supervised in sample:
+                seg = next(encoded)
+                ids += seg
+                labels += seg if supervised else [IGNORE_INDEX] * len(seg)
+            if self._bos and not (bos_text and sample and sample[0][0].startswith(bos_text)):
+                ids, labels = self._bos + ids, [IGNORE_INDEX] + labels
+            out.append((ids, labels))
+        return out
+
+    def _check_placeholders(self, ids: list[int], items: Mapping[str, list], index: Any) -> None:
+        for key, token_id in self.processor.token_ids.items():
+            found = int(np.count_nonzero(np.asarray(ids) == token_id))
+            given = len(items[key])
+            if found != given:
+                raise SampleError(index, self.fields[key], f"{found} {self.processor.tokens[key]} placeholder(s) in the "
+                                                           f"text but {given} item(s).")
+
+    # ----------------------------------------------------------------------------------------------- batch
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        items = [self._items(s, idx) for s, idx in zip(samples, indices)]
+        tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
+        for (ids, _), its, idx in zip(tokenized, items, indices):
+            self._check_placeholders(ids, its, idx)
+        features, counts = self._process(items)
+        rows, keep = [], []
+        for i, ((ids, labels), idx) in enumerate(zip(tokenized, indices)):
+            ids, labels = self.processor.expand(ids, {k: c[i] for k, c in counts.items()}, labels)
+            if self.max_length is not None and len(ids) > self.max_length:
+                if self.on_too_long == "error":
+                    raise SampleError(idx, "messages", f"{len(ids)} tokens with modality spans expanded, more than "
+                                                       f"max_length={self.max_length}; modality spans are never cut.")
+                self.skipped += 1
+                continue
+            rows.append((ids, labels))
+            keep.append(i)
+        batch = self._pad(rows)
+        batch.update(self._select(features, counts, keep, len(samples)))
+        if self.generate:
+            batch["answers"] = [_answer(samples[i]) for i in keep]
+        return batch
+
+    def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+        """Run each modality's processor once over the batch's items; per-sample feature counts."""
+        features, counts = {}, {}
+        for key in self.fields:
+            flat = [item for its in items for item in its[key]]
+            if not flat:
+                counts[key] = [[] for _ in items]
+                continue
+            kwargs = dict(self.processor_kwargs)
+            if self._is_audio(key):
+                kwargs.setdefault("sampling_rate", self.sampling_rate)
+            features[key], per_item = self.processor.process_modality(key, {self._inputs[key]: flat}, **kwargs)
+            splits = np.cumsum([0] + [len(its[key]) for its in items])
+            counts[key] = [per_item[a:b] for a, b in zip(splits[:-1], splits[1:])]
+        return features, counts
+
+    def _select(self, features: dict[str, dict], counts: dict[str, list[list[int]]], keep: list[int],
+                n_samples: int) -> dict[str, torch.Tensor]:
+        """Modality tensors of the kept samples only (all of them unless some were skipped)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, tensors in features.items():
+            per_sample = [len(c) for c in counts[key]]
+            if len(keep) < n_samples:
+                owner = np.repeat(np.arange(n_samples), per_sample)
+                rows = torch.from_numpy(np.flatnonzero(np.isin(owner, keep)))
+                if rows.numel() == 0:
+                    continue
+                tensors = {n: t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.shape[0] == len(owner)
+                           else t for n, t in tensors.items()}
+            out.update(tensors)
+        return out
+
+    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        pad_id = self.processor.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        longest = max((len(ids) for ids, _ in rows), default=0)
+        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # [batch, seq]
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            span = slice(longest - len(ids), longest) if self.padding_side == "left" else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+            labels[i, span] = torch.tensor(lab, dtype=torch.long)
+            attention_mask[i, span] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not self.generate:
+            batch["labels"] = labels
+        return batch
+
+
+def _answer(sample: Mapping[str, Any]) -> str:
+    if sample.get("messages"):
+        answers = [m["content"] for m in sample["messages"] if m.get("role") == "assistant"]
+        return answers[-1] if answers else ""
+    return sample.get("answer") or ""
