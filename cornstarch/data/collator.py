@@ -84,6 +84,7 @@ class MultimodalCollator:
         self._inputs = {key: _first_argument(self.processor.encoder_processors[key]) for key in keys}
         tok = self.processor.tokenizer
         probe = tok("a")["input_ids"]
+        self._item_counts: dict[str, int] = {}
         self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
 
     def _is_audio(self, key: str) -> bool:
@@ -97,7 +98,10 @@ class MultimodalCollator:
                                                  f"(encoders: {list(self.fields)}).")
         items = {}
         for key, name in self.fields.items():
-            values = sample.get(name) or []
+            values = sample.get(name)
+            if values is None:  # e.g. imagefolder's single "image" column
+                values = sample.get(name[:-1]) if name.endswith("s") else None
+            values = [] if values is None else values
             values = list(values) if isinstance(values, (list, tuple)) else [values]
             if self._is_audio(key):
                 rate = sample.get("sampling_rate") or self.sampling_rate
@@ -135,6 +139,28 @@ class MultimodalCollator:
             if found != given:
                 raise SampleError(index, self.fields[key], f"{found} {self.processor.tokens[key]} placeholder(s) in the "
                                                            f"text but {given} item(s).")
+
+    def lengths(self, samples: Sequence[Mapping[str, Any]], items_per_sample: Sequence[Mapping[str, int]]) -> list[int]:
+        """Token length of each sample with placeholders expanded, from its text and item counts only.
+
+        Each item is taken to yield as many features as the first item of its modality processed here (exact for
+        fixed-size encoders: every supported vision tower and Whisper-style audio encoder).
+        """
+        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
+        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
+                for (ids, _), its in zip(tokenized, items_per_sample)]
+
+    def _per_item(self, key: str) -> int:
+        if key not in self._item_counts:
+            raise ValueError(f"No {key} item seen yet; call remember_item_count first.")
+        return self._item_counts[key]
+
+    def remember_item_count(self, key: str, sample: Mapping[str, Any]) -> None:
+        """Process one item of ``sample`` to learn how many features a ``key`` item yields."""
+        items = self._items(sample, sample.get("__index__", 0))
+        _, counts = self._process([{k: v[:1] if k == key else [] for k, v in items.items()}])
+        self._item_counts[key] = counts[key][0][0]
 
     # ----------------------------------------------------------------------------------------------- batch
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,16 @@
+"""Data layer: samples → collated multimodal batches (media, chat text, placeholder expansion, labels)."""
+
+from .collator import MultimodalCollator
+from .datamodule import DatasetSpec, MultimodalDataModule
+from .media import SampleError, load_audio, load_image
+from .sampling import LengthGroupedSampler
+
+__all__ = [
+    "DatasetSpec",
+    "LengthGroupedSampler",
+    "MultimodalCollator",
+    "MultimodalDataModule",
+    "SampleError",
+    "load_audio",
+    "load_image",
+]
