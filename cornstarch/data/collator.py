@@ -51,6 +51,8 @@ class MultimodalCollator:
         on_too_long: ``"error"`` (raise, naming the sample) or ``"skip"`` (drop it; counted in ``skipped``).
         padding_side: ``"right"`` for training, ``"left"`` for generation.
         generate: build prompts only (ending with the assistant prompt) and return the reference ``answers``.
+        with_prompts: also return left-padded ``prompt_input_ids``/``prompt_attention_mask`` and ``answers``
+            beside the teacher-forced batch (validation: loss and generated exact match from one batch).
         sampling_rate: audio rate the audio processor expects (waveforms are resampled to it).
         processor_kwargs: extra keyword arguments for the encoder processors.
         base_dir: directory that relative media paths are relative to.
@@ -69,6 +71,7 @@ class MultimodalCollator:
     on_too_long: str = "error"
     padding_side: str = "right"
     generate: bool = False
+    with_prompts: bool = False
     sampling_rate: int = 16000
     processor_kwargs: Mapping[str, Any] = field(default_factory=dict)
     base_dir: str | None = None
@@ -111,9 +114,10 @@ class MultimodalCollator:
                 items[key] = [load_image(v, index, name, self.base_dir) for v in values]
         return items
 
-    def _segments(self, sample: Mapping[str, Any], index: Any) -> list[tuple[str, bool]]:
+    def _segments(self, sample: Mapping[str, Any], index: Any, prompt_only: bool | None = None) -> list[tuple[str, bool]]:
+        prompt_only = self.generate if prompt_only is None else prompt_only
         messages = to_messages(dict(sample), index, need_answer=not self.generate)
-        return render_segments(self.processor.tokenizer, messages, index, generation_prompt=self.generate)
+        return render_segments(self.processor.tokenizer, messages, index, generation_prompt=prompt_only)
 
     def _tokenize(self, segments: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
         """All samples' segments in one tokenizer call → per sample (ids, labels) with one placeholder per item."""
@@ -181,9 +185,15 @@ class MultimodalCollator:
                 continue
             rows.append((ids, labels))
             keep.append(i)
-        batch = self._pad(rows)
+        batch = self._pad(rows, self.padding_side, labels=not self.generate)
         batch.update(self._select(features, counts, keep, len(samples)))
-        if self.generate:
+        if self.with_prompts and not self.generate:
+            prompts = self._tokenize([self._segments(samples[i], indices[i], prompt_only=True) for i in keep])
+            expanded = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
+                        for (ids, _), i in zip(prompts, keep)]
+            padded = self._pad([(ids, ids) for ids in expanded], "left", labels=False)
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = padded["input_ids"], padded["attention_mask"]
+        if self.generate or self.with_prompts:
             batch["answers"] = [_answer(samples[i]) for i in keep]
         return batch
 
@@ -219,21 +229,21 @@ class MultimodalCollator:
             out.update(tensors)
         return out
 
-    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def _pad(self, rows: list[tuple[list[int], list[int]]], side: str, labels: bool) -> dict[str, torch.Tensor]:
         pad_id = self.processor.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else pad_id
         longest = max((len(ids) for ids, _ in rows), default=0)
         input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # [batch, seq]
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        label_ids = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, (ids, lab) in enumerate(rows):
-            span = slice(longest - len(ids), longest) if self.padding_side == "left" else slice(0, len(ids))
+            span = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
             input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
-            labels[i, span] = torch.tensor(lab, dtype=torch.long)
+            label_ids[i, span] = torch.tensor(lab, dtype=torch.long)
             attention_mask[i, span] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if not self.generate:
-            batch["labels"] = labels
+        if labels:
+            batch["labels"] = label_ids
         return batch
 
 

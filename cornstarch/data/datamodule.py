@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
 from .collator import MultimodalCollator
-from .sampling import LengthGroupedSampler
+from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
@@ -193,14 +193,14 @@ class MultimodalDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"No {split} data: pass {split}=DatasetSpec(...) to MultimodalDataModule.")
         train = split == "train"
-        sampler, generator = None, None
+        sampler = None
         if train and self.group_by_length:
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed)
         elif train:
-            generator = torch.Generator().manual_seed(self.seed)
+            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed)
         return DataLoader(
             IndexedDataset(self.datasets[split]), batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None, sampler=sampler, generator=generator,
+            sampler=sampler,
             collate_fn=self.collator(split, generate=generate), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

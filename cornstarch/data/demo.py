@@ -44,7 +44,9 @@ __all__ = [
     "DTMF_FREQUENCIES",
     "IMAGE_PLACEHOLDER",
     "SPLITS",
+    "VALM_FEATURES",
     "VALM_QUESTION",
+    "VLM_FEATURES",
     "VLM_QUESTION",
     "build_tokenizer",
     "demo_root",
@@ -63,6 +65,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 VLM_QUESTION = f"{IMAGE_PLACEHOLDER}\nWhich digit is this?"
 VALM_QUESTION = f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}\nWhich digits are shown and played?"
 SPLITS = ("train", "validation")
+_SPLIT_ALIASES = {"val": "validation"}
 
 # (row, column) frequencies in Hz of the phone keypad: 1 2 3 / 4 5 6 / 7 8 9 / * 0 #.
 DTMF_FREQUENCIES = {
@@ -245,7 +248,7 @@ def _resampling(resample: str | int) -> int:
 
 
 def _to_image(pixels: np.ndarray, size: int, resample: str | int) -> PIL.Image.Image:
-    gray = PIL.Image.fromarray(np.rint(pixels * (255 / 16)).astype(np.uint8), mode="L")
+    gray = PIL.Image.fromarray(np.rint(pixels * (255 / 16)).astype(np.uint8))  # 2-D uint8: mode "L"
     return gray.resize((size, size), _resampling(resample)).convert("RGB")
 
 
@@ -316,11 +319,14 @@ def dtmf_tone(
 # Splits and samples
 
 
-def _check_split(split: str, val_fraction: float) -> None:
+def _canonical_split(split: str, val_fraction: float) -> str:
+    """The split's name in :data:`SPLITS` (``"val"`` is accepted for ``"validation"``), after checking both."""
+    split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)} (or 'val')")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    return split
 
 
 def digits_split(split: str = "train", val_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
@@ -329,7 +335,7 @@ def digits_split(split: str = "train", val_fraction: float = 0.2, seed: int = 0)
     cover every digit image.
 
     Args:
-        split: ``"train"`` or ``"validation"``.
+        split: ``"train"`` or ``"validation"`` (alias ``"val"``).
         val_fraction: Share of the images held out for validation, in (0, 1).
         seed: Seed of the permutation.
 
@@ -342,7 +348,7 @@ def digits_split(split: str = "train", val_fraction: float = 0.2, seed: int = 0)
     >>> len(digits_split("train")), len(digits_split("validation"))
     (1438, 359)
     """
-    _check_split(split, val_fraction)
+    split = _canonical_split(split, val_fraction)
     n = len(_digits()[1])
     order = np.random.default_rng(seed).permutation(n)
     n_val = round(n * val_fraction)
@@ -362,6 +368,9 @@ class _Item:
 def _items(split: str, val_fraction: float, seed: int, image_size: int, n: int | None) -> list[_Item]:
     """The first ``n`` rows of a split (all with ``n=None``). Tone digits are drawn independently of the image's
     digit, from a generator seeded by ``(seed, split)``, so a smaller ``n`` gives a prefix of the same rows."""
+    split = _canonical_split(split, val_fraction)
+    if n is not None and n < 0:
+        raise ValueError(f"n must be None or >= 0, got {n}")
     indices = digits_split(split, val_fraction, seed)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     audio_labels = rng.integers(0, 10, size=len(indices))
@@ -393,6 +402,13 @@ def _valm_row(item: _Item, sampling_rate: int, duration: float) -> dict:
     }
 
 
+def _audios_as_arrays(batch: dict[str, list]) -> dict[str, list]:
+    """Dataset transform: each row's ``audios`` as a list of 1-D float32 arrays."""
+    if "audios" in batch:  # absent when the columns were narrowed
+        batch["audios"] = [[np.asarray(a, dtype=np.float32) for a in audios] for audios in batch["audios"]]
+    return batch
+
+
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 _DIGIT = datasets.ClassLabel(names=list(DIGIT_NAMES))
 VLM_FEATURES = datasets.Features(
@@ -416,7 +432,7 @@ def digits_vlm_dataset(
     """The vision demo task: one digit image, ``"<image>\\nWhich digit is this?"`` → its name (``"seven"``).
 
     Args:
-        split: ``"train"`` or ``"validation"`` (see :func:`digits_split`; disjoint images).
+        split: ``"train"`` or ``"validation"`` (alias ``"val"``; see :func:`digits_split`; disjoint images).
         val_fraction: Share of the images held out for validation.
         seed: Seed of the split.
         image_size: Side of the RGB images (nearest-neighbour upscaling of the 8×8 source).
@@ -427,7 +443,7 @@ def digits_vlm_dataset(
         image) and ``label`` (``ClassLabel`` 0..9, whose name is the answer).
 
     Raises:
-        ValueError: unknown split or ``val_fraction`` outside (0, 1).
+        ValueError: unknown split, ``val_fraction`` outside (0, 1) or negative ``n``.
 
     >>> row = digits_vlm_dataset("validation", n=2)[0]
     >>> row["messages"][1]["content"] == DIGIT_NAMES[row["label"]], row["images"][0].size
@@ -460,21 +476,20 @@ def digits_valm_dataset(
 
     Returns:
         In-memory ``datasets.Dataset`` with columns ``messages``, ``images`` (one PIL image), ``audios`` (one tone),
-        ``sampling_rate``, ``image_label`` and ``audio_label`` (``ClassLabel`` 0..9). It is formatted so that
-        ``audios`` reads back as ``float32`` numpy arrays (a ``[1, n_samples]`` array per row); other columns are
-        plain Python.
+        ``sampling_rate``, ``image_label`` and ``audio_label`` (``ClassLabel`` 0..9). Arrow stores the tones as float
+        lists; a transform (``with_transform``, kept by ``select``/``shuffle``) gives each row's ``audios`` back as
+        a list of 1-D ``float32`` arrays.
 
     Raises:
-        ValueError: unknown split, ``val_fraction`` outside (0, 1) or too low a sampling rate.
+        ValueError: unknown split, ``val_fraction`` outside (0, 1), negative ``n`` or too low a sampling rate.
 
     >>> row = digits_valm_dataset(n=1, sampling_rate=8000)[0]
-    >>> row["audios"][0].dtype, row["audios"][0].shape, row["sampling_rate"]
-    (dtype('float32'), (2000,), 8000)
+    >>> type(row["audios"]).__name__, row["audios"][0].dtype, row["audios"][0].shape, row["sampling_rate"]
+    ('list', dtype('float32'), (2000,), 8000)
     """
     items = _items(split, val_fraction, seed, image_size, n)
     rows = [_valm_row(item, sampling_rate, duration) for item in items]
-    dataset = datasets.Dataset.from_list(rows, features=VALM_FEATURES)
-    return dataset.with_format("numpy", columns=["audios"], output_all_columns=True)
+    return datasets.Dataset.from_list(rows, features=VALM_FEATURES).with_transform(_audios_as_arrays)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,7 +527,7 @@ def write_demo_files(
 
     Args:
         out_dir: Root directory; created if missing.
-        split: ``"train"`` or ``"validation"``.
+        split: ``"train"`` or ``"validation"`` (alias ``"val"``).
         n: Write only the first ``n`` rows (all with ``None``).
         val_fraction, seed, image_size: As in :func:`digits_vlm_dataset`.
         sampling_rate, duration: As in :func:`digits_valm_dataset`.
@@ -521,9 +536,9 @@ def write_demo_files(
         The split directory ``out_dir/<split>``.
 
     Raises:
-        ValueError: unknown split, ``val_fraction`` outside (0, 1) or too low a sampling rate.
+        ValueError: unknown split, ``val_fraction`` outside (0, 1), negative ``n`` or too low a sampling rate.
     """
-    split_dir = Path(out_dir) / split
+    split_dir = Path(out_dir) / _canonical_split(split, val_fraction)
     items = _items(split, val_fraction, seed, image_size, n)
     (split_dir / "images").mkdir(parents=True, exist_ok=True)
     (split_dir / "audios").mkdir(parents=True, exist_ok=True)

@@ -171,3 +171,18 @@ def test_collator_properties(batch, side):
         real_positions = real.nonzero().flatten().tolist()
         assert supervised == real_positions[-len(answer):]
         assert labels[i][supervised].tolist() == answer == ids[i][supervised].tolist()
+
+
+def test_with_prompts_gives_teacher_forced_and_generation_inputs():
+    mllm, proc = make(chat_template=CHAT_TEMPLATE)
+    batch = MultimodalCollator(proc, with_prompts=True)([sample(1, "seven"), sample(3, "two")])
+    assert batch["answers"] == ["seven", "two"] and "labels" in batch
+    prompt, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    assert pmask[:, -1].tolist() == [1, 1] and pmask[0, 0] == 0, "prompts are left-padded"
+    for i in range(2):
+        real = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        prompt_real = prompt[i][pmask[i].bool()]
+        assert torch.equal(real[: len(prompt_real)], prompt_real), "the prompt is the teacher-forced prefix"
+    out = mllm.generate(input_ids=prompt, attention_mask=pmask, pixel_values=batch["pixel_values"], max_new_tokens=2,
+                        do_sample=False, pad_token_id=0)
+    assert out.shape == (2, prompt.shape[1] + 2)

@@ -8,6 +8,7 @@ import time
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import soundfile
 from hypothesis import given, settings
@@ -107,7 +108,7 @@ def test_chat_template_prompt_is_prefix_and_mask_covers_answer(tok):
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text == "<s>USER: <image>\nWhich digit is this?\nASSISTANT: seven</s>\n"
     full = tok.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
-    prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True)
+    prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True)["input_ids"]
     assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True).endswith("ASSISTANT:")
     assert full["input_ids"][:len(prompt)] == prompt
     answer = [i for i, m in zip(full["input_ids"], full["assistant_masks"]) if m]
@@ -200,7 +201,7 @@ def test_splits_are_disjoint_complete_and_seeded():
     train, val = demo.digits_split("train"), demo.digits_split("validation")
     assert len(val) == round(N_DIGITS * 0.2) and len(train) + len(val) == N_DIGITS
     assert not set(train) & set(val) and set(train) | set(val) == set(range(N_DIGITS))
-    assert np.array_equal(val, demo.digits_split("validation"))
+    assert np.array_equal(val, demo.digits_split("validation")) and np.array_equal(val, demo.digits_split("val"))
     assert not np.array_equal(val, demo.digits_split("validation", seed=1))
     assert len(demo.digits_split("validation", val_fraction=0.5)) == round(N_DIGITS * 0.5)
     with pytest.raises(ValueError, match="unknown split 'test'"):
@@ -237,6 +238,9 @@ def test_vlm_dataset_is_deterministic_and_n_takes_a_prefix(vlm_val):
     other = demo.digits_vlm_dataset("validation", seed=1, n=20, image_size=16)
     assert other[0]["images"][0].size == (16, 16)
     assert other["label"] != vlm_val["label"][:20]
+    with pytest.raises(ValueError, match="n must be"):
+        demo.digits_vlm_dataset("validation", n=-1)
+    assert demo.digits_valm_dataset("validation", n=2).select_columns(["messages"])[0].keys() == {"messages"}
 
 
 def test_vlm_train_and_validation_images_are_disjoint(vlm_val):
@@ -259,7 +263,8 @@ def test_valm_answer_names_image_digit_then_tone_digit(valm_val, vlm_val):
         assert user["content"] == "<image>\n<audio>\nWhich digits are shown and played?"
         assert assistant["content"] == f"{DIGIT_NAMES[row['image_label']]} {DIGIT_NAMES[row['audio_label']]}"
         assert (pixels(row["images"][0]) == pixels(vlm_val[k]["images"][0])).all()
-        (audio,) = list(row["audios"])
+        assert isinstance(row["audios"], list)
+        (audio,) = row["audios"]
         assert audio.dtype == np.float32 and audio.shape == (4000,) and row["sampling_rate"] == 16000
         assert np.allclose(peak_frequencies(audio, 16000), DTMF_FREQUENCIES[row["audio_label"]], atol=2)
 
@@ -273,8 +278,10 @@ def test_valm_tone_digit_is_independent_of_the_image(valm_val):
 def test_valm_dataset_is_deterministic():
     a, b = (demo.digits_valm_dataset("train", n=8, sampling_rate=8000, duration=0.1) for _ in range(2))
     assert a["messages"] == b["messages"]
-    assert all(np.array_equal(x["audios"], y["audios"]) for x, y in zip(a, b))
-    assert a[0]["audios"].shape == (1, 800)
+    assert all(np.array_equal(x["audios"][0], y["audios"][0]) for x, y in zip(a, b))
+    assert [(x.dtype, x.shape) for x in a[0]["audios"]] == [(np.float32, (800,))]
+    shuffled = a.shuffle(seed=0).select([0])[0]  # the transform survives shuffle/select
+    assert isinstance(shuffled["audios"][0], np.ndarray) and shuffled["audios"][0].dtype == np.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,15 +292,15 @@ def test_written_files_load_back_offline(tmp_path, no_network):
     n = 12
     split_dir = demo.write_demo_files(tmp_path, split="validation", n=n)
     assert split_dir == tmp_path / "validation"
-    expected_vlm, expected_valm = demo.digits_vlm_dataset("validation", n=n), demo.digits_valm_dataset(
-        "validation", n=n)
+    expected_vlm = demo.digits_vlm_dataset("validation", n=n)
+    expected_valm = demo.digits_valm_dataset("validation", n=n)
     cache = str(tmp_path / "hf-cache")
 
     data = datasets.load_dataset("json", data_files=str(split_dir / "data.jsonl"), split="train", cache_dir=cache)
     assert len(data) == n and data["messages"] == expected_valm["messages"]
     for row, expected in zip(data, expected_valm):
         assert row["image_label"] == expected["image_label"] and row["audio_label"] == expected["audio_label"]
-        with datasets.Image().decode_example({"path": str(split_dir / row["images"][0]), "bytes": None}) as image:
+        with PIL.Image.open(split_dir / row["images"][0]) as image:
             assert (pixels(image) == pixels(expected["images"][0])).all()
         audio, rate = soundfile.read(split_dir / row["audios"][0], dtype="float32")
         assert rate == row["sampling_rate"] == 16000 and np.array_equal(audio, expected["audios"][0])
