@@ -22,6 +22,10 @@ What is measured
    time (target >= 1.3: the frozen encoder runs without autograd) and ``frozen/trainable`` for memory
    (lower is better).
 
+Both parts also print ``other CPU``: the share of the machine's CPUs that *other* processes used while timing
+(from ``/proc/stat``). Above 10% the timings are flagged: on a small machine a concurrent job makes the OpenMP
+threads wait for each other and can slow a step by 10x or more, unevenly between A and B.
+
 Run from the repository root: ``python bench/step_vs_hf_llava.py`` (``--quick`` for a smoke run of a few seconds).
 """
 
@@ -31,6 +35,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import os
 import statistics
 import sys
 import time
@@ -54,6 +59,7 @@ BATCH = 4
 PAD = 0
 LOSS_ATOL = 1e-5
 MB = 2**20
+BUSY_WARNING = 0.10  # share of the CPUs used by other processes above which timings are flagged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,18 +188,47 @@ def make_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimi
     return step
 
 
-def interleaved_median_ms(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms per step of each callable, run in alternating order (ABAB… reversed every round)."""
+def cpu_clock() -> tuple[float, float, float] | None:
+    """``(wall s, busy CPU s of the whole machine, CPU s of this process)``; None without Linux ``/proc/stat``."""
+    try:
+        jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = jiffies
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), busy, time.process_time()
+
+
+def foreign_cpu_share(since: tuple[float, float, float] | None) -> float:
+    """Share of all CPUs that *other* processes used since ``cpu_clock()`` returned ``since`` (NaN if unknown).
+
+    Timings taken while it is high (another job running) are not trustworthy: with 2 OpenMP threads on 2 busy
+    cores every parallel region waits for a descheduled thread.
+    """
+    now = cpu_clock()
+    if since is None or now is None:
+        return float("nan")
+    wall, busy, own = (b - a for a, b in zip(since, now))
+    return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+
+
+def interleaved_median_ms(steps: dict[str, Callable[[], None]], warmup: int,
+                          repeats: int) -> tuple[dict[str, float], float]:
+    """Median ms per step of each callable, run in alternating order (ABAB… reversed every round).
+
+    Returns the medians and the share of the CPUs other processes used meanwhile (see ``foreign_cpu_share``).
+    """
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
+    clock = cpu_clock()
     for round_ in range(warmup + repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
             start = time.perf_counter()
             steps[name]()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}, foreign_cpu_share(clock)
 
 
 @torch.no_grad()
@@ -236,11 +271,11 @@ def bench_vs_hf(spec: Spec, warmup: int, repeats: int) -> dict:
     batch = make_batch(spec)
     hf_loss, cs_loss = loss_of(llava, batch), loss_of(mllm, batch)
     assert abs(hf_loss - cs_loss) <= LOSS_ATOL, f"{spec.name}: HF loss {hf_loss} != cornstarch loss {cs_loss}"
-    ms = interleaved_median_ms(
+    ms, busy = interleaved_median_ms(
         {"hf": make_step(llava, batch, adamw(llava)), "cs": make_step(mllm, batch, adamw(mllm))}, warmup, repeats
     )
     return {"size": spec.name, "params": n_params(llava), "hf": ms["hf"], "cs": ms["cs"],
-            "dloss": abs(hf_loss - cs_loss)}
+            "dloss": abs(hf_loss - cs_loss), "busy": busy}
 
 
 def bench_frozen(spec: Spec, warmup: int, repeats: int) -> dict[str, dict]:
@@ -251,22 +286,29 @@ def bench_frozen(spec: Spec, warmup: int, repeats: int) -> dict[str, dict]:
     batch = make_batch(spec)
     models = {"trainable": trainable, "frozen": frozen}
     optimizers = {name: adamw(m) for name, m in models.items()}
-    ms = interleaved_median_ms({name: make_step(m, batch, optimizers[name]) for name, m in models.items()},
-                               warmup, repeats)
+    ms, busy = interleaved_median_ms({name: make_step(m, batch, optimizers[name]) for name, m in models.items()},
+                                     warmup, repeats)
     results = {}
     for name, model in models.items():
         saved, saved_acts = saved_for_backward_bytes(model, batch)
         results[name] = {"trainable_params": n_params(model, trainable_only=True), "ms": ms[name], "saved": saved,
-                         "saved_acts": saved_acts, "grad_state": grad_and_adamw_bytes(model, batch, optimizers[name])}
+                         "saved_acts": saved_acts, "grad_state": grad_and_adamw_bytes(model, batch, optimizers[name]),
+                         "busy": busy}
     return results
 
 
 # ----------------------------------------------------------------------------------------------- output
+def warn_if_busy(busy: float) -> None:
+    if busy > BUSY_WARNING:
+        print(f"WARNING: other processes used {busy:.0%} of the CPUs while timing; rerun on an idle machine.")
+
+
 def print_vs_hf(rows: list[dict]) -> None:
-    print(f"{'size':<8}{'params':>12}{'HF ms/step':>12}{'cs ms/step':>12}{'cs/HF':>8}{'|dloss|':>10}")
+    print(f"{'size':<8}{'params':>12}{'HF ms/step':>12}{'cs ms/step':>12}{'cs/HF':>8}{'|dloss|':>10}{'other CPU':>11}")
     for r in rows:
         print(f"{r['size']:<8}{r['params']:>12,}{r['hf']:>12.1f}{r['cs']:>12.1f}{r['cs'] / r['hf']:>8.3f}"
-              f"{r['dloss']:>10.1e}")
+              f"{r['dloss']:>10.1e}{r['busy']:>11.0%}")
+    warn_if_busy(max(r["busy"] for r in rows))
 
 
 def print_frozen(spec: Spec, results: dict[str, dict]) -> None:
@@ -276,7 +318,9 @@ def print_frozen(spec: Spec, results: dict[str, dict]) -> None:
         print(f"{name:<10}{r['trainable_params']:>12,}{r['ms']:>10.1f}{r['saved'] / MB:>10.1f}"
               f"{r['saved_acts'] / MB:>11.1f}{r['grad_state'] / MB:>15.1f}")
     t, f = results["trainable"], results["frozen"]
-    print(f"step time trainable/frozen: {t['ms'] / f['ms']:.2f}x (target >= 1.3)")
+    print(f"step time trainable/frozen: {t['ms'] / f['ms']:.2f}x (target >= 1.3); other processes used "
+          f"{t['busy']:.0%} of the CPUs meanwhile")
+    warn_if_busy(t["busy"])
     print(f"saved-for-backward frozen/trainable: {f['saved'] / t['saved']:.2f} "
           f"(activations only: {f['saved_acts'] / t['saved_acts']:.2f}); "
           f"grad+AdamW frozen/trainable: {f['grad_state'] / t['grad_state']:.2f}")
@@ -284,16 +328,18 @@ def print_frozen(spec: Spec, results: dict[str, dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES), help="model sizes (part 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (default 20; quick 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; quick 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="model sizes of part 1 (default: all; "
+                        "quick: tiny)")
+    parser.add_argument("--repeats", type=int, help="timed steps per model (default 30; quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 5; quick 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny size, small part-2 model, few steps")
     args = parser.parse_args(argv)
-    if args.quick and "--sizes" not in (argv if argv is not None else sys.argv):
-        args.sizes = ["tiny"]
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    defaults = {"sizes": ["tiny"], "repeats": 3, "warmup": 1} if args.quick else \
+        {"sizes": list(SIZES), "repeats": 30, "warmup": 5}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 

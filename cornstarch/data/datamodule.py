@@ -94,6 +94,7 @@ class MultimodalDataModule(L.LightningDataModule):
         sampling_rate: audio sampling rate expected by the audio processor.
         fields: modality key → sample field (default ``vision→images``, ``audio→audios``).
         processor_kwargs: extra keyword arguments for the encoder processors.
+        eval_prompts: val/test batches also carry generation prompts and reference answers (for exact match).
 
     >>> # dm = MultimodalDataModule(train=DatasetSpec("json", data_files="train.jsonl"), processor=proc)
     """
@@ -115,6 +116,7 @@ class MultimodalDataModule(L.LightningDataModule):
         sampling_rate: int = 16000,
         fields: dict[str, str] | None = None,
         processor_kwargs: dict[str, Any] | None = None,
+        eval_prompts: bool = True,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -126,6 +128,7 @@ class MultimodalDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.max_length = max_length
         self.on_too_long = on_too_long
+        self.eval_prompts = eval_prompts
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
         self.datasets: dict[str, Dataset] = {}
         self.lengths: dict[str, list[int]] = {}
@@ -146,11 +149,13 @@ class MultimodalDataModule(L.LightningDataModule):
         return self.processor
 
     def collator(self, split: str = "train", generate: bool = False) -> MultimodalCollator:
-        """The collator of a split (``generate``: left-padded prompts with reference answers)."""
+        """The collator of a split (``generate``: left-padded prompts with reference answers; val/test batches
+        also carry prompts and answers for generated exact match)."""
         spec = self.specs.get(split)
         return MultimodalCollator(
             self._processor(), max_length=self.max_length, on_too_long=self.on_too_long,
             padding_side="left" if generate else "right", generate=generate,
+            with_prompts=split in ("val", "test") and self.eval_prompts,
             base_dir=spec.base_dir if isinstance(spec, DatasetSpec) else None, **self.collator_kwargs,
         )
 

@@ -35,8 +35,11 @@ def test_in_memory_dataset_batches_feed_the_model():
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 2
-    for batch in batches + list(dm.val_dataloader()):
-        assert torch.isfinite(mllm(**batch).loss)
+    val = list(dm.val_dataloader())
+    assert all({"answers", "prompt_input_ids", "prompt_attention_mask"} <= set(b) for b in val)
+    for batch in batches + val:
+        inputs = {k: v for k, v in batch.items() if k not in ("answers", "prompt_input_ids", "prompt_attention_mask")}
+        assert torch.isfinite(mllm(**inputs).loss)
 
 
 def test_json_with_image_and_audio_paths(tmp_path):

@@ -84,6 +84,7 @@ class MultimodalModelConfig(PretrainedConfig):
             ``callbacks`` (import paths of module-level callbacks, or ``"<unserializable>"``) and ``dtype``.
         language_model: a dict with ``model_class``, ``config_class``, ``config`` and ``dtype``.
         modality_token_ids: the token id of each modality's placeholder, as set by the processor.
+        encoder_order: the encoders' order (JSON configs sort keys; parameter order must survive a reload).
     """
 
     model_type = "cornstarch_multimodal"
@@ -93,9 +94,11 @@ class MultimodalModelConfig(PretrainedConfig):
         encoders: dict[str, dict[str, Any]] | None = None,
         language_model: dict[str, Any] | None = None,
         modality_token_ids: dict[str, int] | None = None,
+        encoder_order: list[str] | None = None,
         **kwargs: Any,
     ):
         self.encoders = dict(encoders or {})
+        self.encoder_order = list(encoder_order or self.encoders)
         self.language_model = dict(language_model or {})
         self.modality_token_ids = dict(modality_token_ids or {})
         super().__init__(**kwargs)

@@ -29,6 +29,12 @@ from .import_paths import UNSERIALIZABLE, import_path, resolve
 from .merging import merge_embeddings, modality_masks
 
 WEIGHTS_NAME = "model.safetensors"
+try:  # keyword arguments every transformers model forward accepts through **kwargs
+    from transformers.utils.generic import TransformersKwargs
+
+    _TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__)
+except ImportError:  # pragma: no cover
+    _TRANSFORMERS_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
 CALLBACK_NAMES = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
 # Arguments of MultimodalModel.forward that belong to the language model and are never routed to an encoder.
 LM_ARGUMENTS = frozenset(
@@ -255,6 +261,8 @@ def _build_part(spec: dict[str, Any], what: str) -> nn.Module:
         raise ValueError(f"The saved {what} names a class that cannot be imported ({spec['model_class']}).")
     config = resolve(spec["config_class"]).from_dict(spec["config"])
     module = resolve(spec["model_class"])(config)
+    if hasattr(module, "tie_weights"):  # no_init_weights() also skips tying (GPT-2, Gemma share embeddings)
+        module.tie_weights()
     return module.to(getattr(torch, spec["dtype"])) if spec.get("dtype") else module
 
 
@@ -304,6 +312,7 @@ class MultimodalModel(nn.Module):
             setattr(self, f"{key}_encoder", encoder)
         self._encoder_keys = tuple(encoders)
         self.modality_token_ids: dict[str, int] = {}
+        self._lm_arguments: frozenset[str] | None = None
 
     @staticmethod
     def _new_projector(encoder: ModalEncoderModule, llm_hidden: int, kind: str, activation: str) -> MultimodalProjector:
@@ -440,6 +449,7 @@ class MultimodalModel(nn.Module):
             The language model's output (``loss``, ``logits``, …).
         """
         routed, lm_kwargs = self.route_inputs(kwargs, encoder_inputs)
+        self._check_lm_kwargs(lm_kwargs)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("MultimodalModel.forward needs input_ids (or inputs_embeds).")
@@ -449,6 +459,21 @@ class MultimodalModel(nn.Module):
         if position_ids is not None:
             lm_kwargs["position_ids"] = position_ids
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    def _check_lm_kwargs(self, lm_kwargs: Mapping[str, Any]) -> None:
+        """Refuse keywords no encoder and no LM argument takes (a typo would otherwise be ignored silently)."""
+        if not lm_kwargs:
+            return
+        if self._lm_arguments is None:
+            params = inspect.signature(self.language_model.forward).parameters.values()
+            named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            self._lm_arguments = frozenset(named | _TRANSFORMERS_KWARGS | {"return_dict"})
+        unknown = sorted(set(lm_kwargs) - self._lm_arguments)
+        if unknown:
+            raise ValueError(
+                f"Unknown input(s) {unknown}: no encoder's forward and no language-model argument takes them. For "
+                "inputs only a callback reads (e.g. image_sizes), use encoder_inputs={'vision': {...}}."
+            )
 
     @torch.no_grad()
     def generate(
@@ -520,12 +545,20 @@ class MultimodalModel(nn.Module):
         """Turn on activation checkpointing in the LM and every encoder that supports it."""
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         for part in self._parts():
-            if getattr(part, "supports_gradient_checkpointing", False):
+            if not getattr(part, "supports_gradient_checkpointing", False):
+                continue
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
                 part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         for part in self._parts():
-            if getattr(part, "supports_gradient_checkpointing", False):
+            if not getattr(part, "supports_gradient_checkpointing", False):
+                continue
+            if hasattr(part, "activation_checkpointing_disable"):
+                part.activation_checkpointing_disable()
+            else:
                 part.gradient_checkpointing_disable()
 
     # ----------------------------------------------------------------------------------------------- save / load
@@ -545,6 +578,7 @@ class MultimodalModel(nn.Module):
             }
         return MultimodalModelConfig(
             encoders=encoders,
+            encoder_order=list(self._encoder_keys),
             language_model=_part_spec(self.language_model),
             modality_token_ids=dict(self.modality_token_ids),
         )
@@ -580,11 +614,13 @@ class MultimodalModel(nn.Module):
         config = MultimodalModelConfig.from_pretrained(pretrained_model_path)
         encoders_kwargs = {k: dict(v) for k, v in (encoders_kwargs or {}).items()}
         with no_init_weights():
+            order = config.encoder_order or list(config.encoders)  # config JSON sorts keys; the order matters
             encoders = {
                 key: ModalEncoderModule(
-                    _build_part(spec, f"{key} encoder"), **_encoder_kwargs(key, spec, encoders_kwargs.get(key, {}))
+                    _build_part(config.encoders[key], f"{key} encoder"),
+                    **_encoder_kwargs(key, config.encoders[key], encoders_kwargs.get(key, {})),
                 )
-                for key, spec in config.encoders.items()
+                for key in order
             }
             model = cls(encoders, _build_part(config.language_model, "language model"))
         model.set_modality_token_ids(config.modality_token_ids)

@@ -166,7 +166,8 @@ class MultimodalProcessor:
             row, _ = self.expand(row, {key: per_sample[key][i] for key in per_sample})
             expanded.append(self._fit(row, i, layout))
         padded = self.tokenizer.pad(
-            {"input_ids": expanded}, padding=layout.get("padding", True), max_length=layout.get("max_length"),
+            {"input_ids": expanded}, padding=layout.get("padding", True),
+            max_length=layout.get("max_length") if layout.get("padding") == "max_length" else None,
             pad_to_multiple_of=layout.get("pad_to_multiple_of"), padding_side=layout.get("padding_side"),
             return_tensors=return_tensors,
         )

@@ -130,3 +130,13 @@ def test_ambiguous_input_between_two_vision_towers_and_explicit_form():
     assert out.logits.shape == (1, 48, tiny.VOCAB)
     with pytest.raises(ValueError, match=r"encoder_inputs names 'audio', which is no encoder"):
         mllm(input_ids=ids, attention_mask=mask, encoder_inputs={"audio": {}})
+
+
+def test_unknown_keyword_is_refused_not_ignored():
+    mllm = clip_llama()
+    mllm.set_modality_token_ids({"vision": TOKEN})
+    ids, mask = tiny.batch_with_placeholders([[(TOKEN, 17)]], seq_len=24)
+    with pytest.raises(ValueError, match=r"Unknown input\(s\) \['pixel_value'\].*encoder_inputs"):
+        mllm(input_ids=ids, attention_mask=mask, pixel_values=tiny.pixels(1), pixel_value=tiny.pixels(1))
+    out = mllm(input_ids=ids, attention_mask=mask, pixel_values=tiny.pixels(1), output_hidden_states=True, use_cache=False)
+    assert out.hidden_states is not None

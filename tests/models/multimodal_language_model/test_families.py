@@ -69,7 +69,9 @@ def build(encoder_families: dict[str, str], llm_family: str, **kwargs) -> Multim
 
 
 def modality_input(key: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    return {"pixel_values": tiny.pixels(n, seed)} if key == "vision" else {"input_features": tiny.audio_features(n, seed)}
+    if key == "vision":
+        return {"pixel_values": tiny.pixels(n, seed)}
+    return {"input_features": tiny.audio_features(n, seed)}
 
 
 def reference_features(encoder: ModalEncoderModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,16 +236,9 @@ def test_text_only_batch_equals_the_language_model():
 
 
 # ------------------------------------------------------------------------------------------ save / load
-TIED_LOAD_BUG = (
-    "LIBRARY BUG: MultimodalModel.from_pretrained builds the LM under transformers' no_init_weights(), which also "
-    "skips tie_weights(), so a tied LM (GPT-2, Gemma) gets separate input/output embeddings and "
-    "load_model(strict=True) fails with 'Missing key(s) ... wte/embed_tokens.weight'. Remove this xfail once fixed."
-)
 SAVE_LOAD_CASES = [
-    pytest.param({"vision": "vit"}, "gpt2", id="vit-gpt2_tied",
-                 marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=TIED_LOAD_BUG)),
-    pytest.param({"vision": "clip"}, "gemma", id="clip-gemma_tied",
-                 marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=TIED_LOAD_BUG)),
+    pytest.param({"vision": "vit"}, "gpt2", id="vit-gpt2_tied"),
+    pytest.param({"vision": "clip"}, "gemma", id="clip-gemma_tied"),
     pytest.param({"vision": "siglip"}, "llama", id="siglip-llama"),
     pytest.param({"vision": "clip", "audio": "whisper"}, "qwen2", id="clip+whisper-qwen2"),
 ]
@@ -267,7 +262,7 @@ def test_save_load_is_bit_exact(encoder_families, llm_family, tmp_path):
     loaded = MultimodalModel.from_pretrained(tmp_path).eval()
 
     assert loaded.modality_token_ids == mllm.modality_token_ids
-    assert set(loaded.encoders) == set(mllm.encoders)  # the order: test_save_load_keeps_encoder_order
+    assert list(loaded.encoders) == list(mllm.encoders)
     for key in encoder_families:
         assert type(loaded.encoders[key].module) is type(mllm.encoders[key].module)
     assert type(loaded.language_model) is type(mllm.language_model)
@@ -282,10 +277,6 @@ def test_save_load_is_bit_exact(encoder_families, llm_family, tmp_path):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LIBRARY BUG: MultimodalModelConfig is written with json sort_keys=True (PretrainedConfig.to_json_string), so "
-    "from_pretrained rebuilds encoders in alphabetical order (audio before vision): named_parameters() order "
-    "changes, and an optimizer state saved by parameter index no longer lines up. Remove this xfail once fixed."))
 def test_save_load_keeps_encoder_order(tmp_path):
     mllm = two_modality_model()  # vision first, then audio
     mllm.save_pretrained(tmp_path)

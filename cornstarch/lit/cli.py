@@ -1,0 +1,74 @@
+"""The ``cornstarch`` command: LightningCLI(MultimodalLitModule, MultimodalDataModule) plus ``export``.
+
+    cornstarch fit --config experiments/digits_vlm.yaml
+    cornstarch validate --config experiments/digits_vlm.yaml --ckpt_path runs/digits_vlm/checkpoints/last.ckpt
+    cornstarch export --config experiments/digits_vlm.yaml --ckpt_path ... --output_dir exported/
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from ..data.datamodule import MultimodalDataModule
+from .module import MultimodalLitModule
+
+SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+
+
+class CornstarchTrainer(L.Trainer):
+    """A Lightning ``Trainer`` with an ``export`` entry point."""
+
+    def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
+               output_dir: str = "exported", merge_lora: bool = True) -> str:
+        """Write the trained model and its processor as ``save_pretrained`` directories.
+
+        Args:
+            model: the module (built from the config).
+            datamodule: unused (accepted so the same config file works).
+            ckpt_path: the Lightning checkpoint to export; ``None`` exports the config's initial weights.
+            output_dir: the directory; ``MultimodalModel.from_pretrained`` and ``MultimodalProcessor.from_pretrained``
+                load it.
+            merge_lora: fold LoRA adapters into the LM weights.
+
+        Returns:
+            ``output_dir``.
+        """
+        if ckpt_path is not None:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+            model.load_state_dict(state)
+        mllm = model.model
+        if merge_lora and hasattr(mllm.language_model, "merge_and_unload"):
+            mllm.language_model = mllm.language_model.merge_and_unload()
+        mllm.save_pretrained(output_dir)
+        model.processor.save_pretrained(output_dir)
+        print(f"Exported model and processor to {output_dir}")
+        return output_dir
+
+
+class CornstarchCLI(LightningCLI):
+    """LightningCLI with ``export`` and a clear error for a checkpoint path that does not exist."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if hasattr(config, "get") else None
+        if ckpt and ckpt not in SPECIAL_CKPT and not os.path.exists(ckpt):
+            raise FileNotFoundError(f"--ckpt_path {ckpt!r} does not exist.")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``cornstarch`` console script."""
+    CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
+                  save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""MultimodalLitModule: a MultimodalModel trained with Lightning, configured entirely from YAML."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from ..models.builder import EncoderSpec, PartSpec, build_model_and_processor
+from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from .optim import OptimizerConfig, WarmupCosine, components_in
+from .schedule import FreezeSchedule, Stage, components
+
+log = logging.getLogger(__name__)
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+EXTRA_KEYS = ("answers", "prompt_input_ids", "prompt_attention_mask")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters on the language model (through ``peft``); schedule them as the ``"lora"`` component.
+
+    Args:
+        r, alpha, dropout: the adapters' rank, scaling and dropout.
+        target_modules: names of the LM's linear layers to adapt.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class GenerationSpec:
+    """Greedy generation for validation exact match and ``predict``.
+
+    Args:
+        max_new_tokens: tokens generated per answer.
+        exact_match: compute ``val/exact_match`` (generated answer == reference, whitespace-stripped).
+    """
+
+    max_new_tokens: int = 8
+    exact_match: bool = True
+
+
+class MultimodalLitModule(L.LightningModule):
+    """Train a :class:`MultimodalModel` built from specs, with a freeze/unfreeze schedule.
+
+    Args:
+        encoders: modality key → :class:`EncoderSpec` (encoder, processor, placeholder, callbacks).
+        language_model: the LM's :class:`PartSpec`.
+        tokenizer: the LM tokenizer's directory/hub id, or ``"module:function"`` returning one.
+        projector_type, projector_activation: projectors created for the encoders.
+        optimizer: AdamW settings and per-component learning rates.
+        freeze_schedule: stages; each names the components that train (default: all, always).
+        lora: LoRA adapters on the LM, or ``None``.
+        generation: settings of generation in validation/predict.
+        gradient_checkpointing: recompute activations in backward (less memory, more compute).
+
+    Raises:
+        ValueError: before any training, for an unknown component in the schedule or LR groups, an unknown
+            projector type, or a part that cannot be built.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, EncoderSpec],
+        language_model: PartSpec,
+        tokenizer: str,
+        projector_type: str = "mlp",
+        projector_activation: str = "gelu",
+        optimizer: OptimizerConfig | None = None,
+        freeze_schedule: list[Stage] | None = None,
+        lora: LoraSpec | None = None,
+        generation: GenerationSpec | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model, self.processor = build_model_and_processor(
+            encoders, language_model, tokenizer, projector_type, projector_activation)
+        if lora is not None:
+            self._add_lora(lora)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        names = list(components(self.model))
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizer_config.validate(names)
+        self.schedule = FreezeSchedule(freeze_schedule, names)
+        self.generation = generation or GenerationSpec()
+        self.stage_index = 0
+        self._apply_stage(0)
+        self.metrics = torch.nn.ModuleDict({
+            f"{split}_{name}": MeanMetric() for split in ("train", "val", "test") for name in ("loss", "acc")
+        })
+        self.metrics["val_exact_match"] = MeanMetric()
+        self.metrics["test_exact_match"] = MeanMetric()
+
+    def _add_lora(self, spec: LoraSpec) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                            target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+        self.model.language_model = get_peft_model(self.model.language_model, config)
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    def _apply_stage(self, index: int) -> None:
+        """Set ``requires_grad`` per component for stage ``index``; frozen parts go to eval mode."""
+        stage = self.schedule.stages[index]
+        train = set(stage.train)
+        parts = components(self.model)
+        for name, params in parts.items():
+            for _, p in params:
+                p.requires_grad_(name in train)
+        self.model.train(self.model.training)
+        self.stage_index = index
+        trainable = sum(p.numel() for name in train for _, p in parts[name])
+        frozen = [n for n in parts if n not in train]
+        log.info("Freeze stage %d (%s): trainable %s (%d parameters); frozen %s", index, stage.label,
+                 sorted(train), trainable, frozen)
+
+    def _extend_optimizer(self) -> None:
+        """Add param groups for components that start training in the current stage."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return
+        optimizer = self.trainer.optimizers[0]
+        have = components_in(optimizer)
+        parts = components(self.model)
+        for name in self.schedule.trained_until(self.stage_index):
+            if name not in have:
+                for group in self.optimizer_config.param_groups(name, parts[name]):
+                    optimizer.add_param_group(group)
+                log.info("Optimizer: added %s (lr %g)", name, self.optimizer_config.lr_groups.get(name, self.optimizer_config.lr))
+
+    def _sync_stage(self) -> None:
+        index = self.schedule.index_at(self.global_step, self.current_epoch)
+        if index != self.stage_index:
+            self._apply_stage(index)
+            self._extend_optimizer()
+
+    def on_train_start(self) -> None:
+        self._sync_stage()
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_stage()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._sync_stage()
+        self.log("train/stage", float(self.stage_index), on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cornstarch_stage"] = self.stage_index
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        index = checkpoint.get("cornstarch_stage", 0)
+        if index != self.stage_index:
+            self._apply_stage(index)
+        self._extend_optimizer()  # when the strategy restores after configure_optimizers
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        parts = components(self.model)
+        groups = [g for name in self.schedule.trained_until(self.stage_index)
+                  for g in self.optimizer_config.param_groups(name, parts[name])]
+        optimizer = self.optimizer_config.build(groups)
+        cfg = self.optimizer_config
+        scheduler = WarmupCosine(optimizer, cfg.warmup_steps, int(self.trainer.estimated_stepping_batches),
+                                 cfg.min_lr_ratio, cfg.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @staticmethod
+    def _split(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model inputs, and the extras (answers, generation prompts)."""
+        return ({k: v for k, v in batch.items() if k not in EXTRA_KEYS},
+                {k: v for k, v in batch.items() if k in EXTRA_KEYS})
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def _teacher_forced(self, split: str, inputs: dict[str, Any]) -> torch.Tensor:
+        out = self.model(**inputs)
+        labels = inputs["labels"][:, 1:]  # [batch, seq-1]
+        supervised = labels != IGNORE_INDEX
+        n = supervised.sum()
+        correct = ((out.logits[:, :-1].argmax(-1) == labels) & supervised).sum()
+        batch_size = inputs["input_ids"].shape[0]
+        self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
+        self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)
+        self.log(f"{split}/loss", out.loss, prog_bar=True, on_step=split == "train", on_epoch=split != "train",
+                 batch_size=batch_size, sync_dist=split != "train")
+        return out.loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        inputs, _ = self._split(batch)
+        return self._teacher_forced("train", inputs)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def _generate(self, inputs: dict[str, Any], extras: dict[str, Any]) -> list[str]:
+        modality = {k: v for k, v in inputs.items() if k not in TEXT_KEYS}
+        ids, mask = extras.get("prompt_input_ids", inputs["input_ids"]), extras.get("prompt_attention_mask",
+                                                                                     inputs["attention_mask"])
+        tok = self.processor.tokenizer
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.generation.max_new_tokens,
+                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  **modality)
+        return [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+    def _evaluate(self, split: str, batch: dict[str, Any]) -> None:
+        inputs, extras = self._split(batch)
+        self._teacher_forced(split, inputs)
+        if self.generation.exact_match and "answers" in extras:
+            predictions = self._generate(inputs, extras)
+            hits = [p == a.strip() for p, a in zip(predictions, extras["answers"])]
+            self.metrics[f"{split}_exact_match"].update(torch.tensor(hits, dtype=torch.float32, device=self.device))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _log_epoch(self, split: str) -> None:
+        loss = self.metrics[f"{split}_loss"]
+        if loss.update_count == 0:
+            return
+        mean_loss = loss.compute()
+        values = {f"{split}/epoch_loss": mean_loss, f"{split}/perplexity": torch.exp(mean_loss),
+                  f"{split}/token_accuracy": self.metrics[f"{split}_acc"].compute()}
+        exact = self.metrics.get(f"{split}_exact_match")
+        if exact is not None and exact.update_count > 0:
+            values[f"{split}/exact_match"] = exact.compute()
+        self.log_dict(values, prog_bar=split != "train", sync_dist=False)
+        for name in ("loss", "acc", "exact_match"):
+            if f"{split}_{name}" in self.metrics:
+                self.metrics[f"{split}_{name}"].reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        inputs, extras = self._split(batch)
+        predictions = self._generate(inputs, extras)
+        answers = extras.get("answers") or [None] * len(predictions)
+        return [{"prediction": p, "answer": a} for p, a in zip(predictions, answers)]
