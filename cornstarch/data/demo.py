@@ -365,9 +365,24 @@ class _Item:
     tone_seed: int
 
 
-def _items(split: str, val_fraction: float, seed: int, image_size: int, n: int | None) -> list[_Item]:
+# One-pixel shifts of the 8×8 digits (scikit-learn's "nudge" augmentation): the original first, then 4 shifts.
+NUDGES = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def _shift(pixels: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``pixels`` moved by ``(dy, dx)`` with zeros filled in (nothing wraps around)."""
+    out = np.zeros_like(pixels)
+    h, w = pixels.shape
+    out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = pixels[max(-dy, 0): h - max(dy, 0),
+                                                                          max(-dx, 0): w - max(dx, 0)]
+    return out
+
+
+def _items(split: str, val_fraction: float, seed: int, image_size: int, n: int | None,
+           nudge: bool = False) -> list[_Item]:
     """The first ``n`` rows of a split (all with ``n=None``). Tone digits are drawn independently of the image's
-    digit, from a generator seeded by ``(seed, split)``, so a smaller ``n`` gives a prefix of the same rows."""
+    digit, from a generator seeded by ``(seed, split)``, so a smaller ``n`` gives a prefix of the same rows. With
+    ``nudge``, each digit also appears shifted by one pixel in each of 4 directions (5 rows per digit)."""
     split = _canonical_split(split, val_fraction)
     if n is not None and n < 0:
         raise ValueError(f"n must be None or >= 0, got {n}")
@@ -376,9 +391,11 @@ def _items(split: str, val_fraction: float, seed: int, image_size: int, n: int |
     audio_labels = rng.integers(0, 10, size=len(indices))
     tone_seeds = rng.integers(0, 2**31, size=len(indices))
     pixels, labels = _digits()
+    shifts = NUDGES if nudge else NUDGES[:1]
     return [
-        _Item(_to_image(pixels[i], image_size, "nearest"), int(labels[i]), int(a), int(s))
+        _Item(_to_image(_shift(pixels[i], dy, dx), image_size, "nearest"), int(labels[i]), int(a), int(s))
         for i, a, s in list(zip(indices, audio_labels, tone_seeds))[:n]
+        for dy, dx in shifts
     ]
 
 
@@ -427,7 +444,8 @@ VALM_FEATURES = datasets.Features(
 
 
 def digits_vlm_dataset(
-    split: str = "train", val_fraction: float = 0.2, seed: int = 0, image_size: int = 32, n: int | None = None
+    split: str = "train", val_fraction: float = 0.2, seed: int = 0, image_size: int = 32, n: int | None = None,
+    nudge: bool = False,
 ) -> datasets.Dataset:
     """The vision demo task: one digit image, ``"<image>\\nWhich digit is this?"`` → its name (``"seven"``).
 
@@ -437,6 +455,8 @@ def digits_vlm_dataset(
         seed: Seed of the split.
         image_size: Side of the RGB images (nearest-neighbour upscaling of the 8×8 source).
         n: Keep only the first ``n`` rows (the same rows as in the full split).
+        nudge: Also include each digit shifted by one pixel up, down, left and right (5× the rows): an
+            augmentation for training splits.
 
     Returns:
         In-memory ``datasets.Dataset`` with columns ``messages`` (user, assistant), ``images`` (list of one PIL
@@ -449,7 +469,7 @@ def digits_vlm_dataset(
     >>> row["messages"][1]["content"] == DIGIT_NAMES[row["label"]], row["images"][0].size
     (True, (32, 32))
     """
-    items = _items(split, val_fraction, seed, image_size, n)
+    items = _items(split, val_fraction, seed, image_size, n, nudge)
     return datasets.Dataset.from_list([_vlm_row(item) for item in items], features=VLM_FEATURES)
 
 
@@ -461,6 +481,7 @@ def digits_valm_dataset(
     n: int | None = None,
     sampling_rate: int = 16000,
     duration: float = 0.25,
+    nudge: bool = False,
 ) -> datasets.Dataset:
     """The vision + audio demo task: the image of digit *a* and the DTMF tone of digit *b*, asked
     ``"<image>\\n<audio>\\nWhich digits are shown and played?"``, answered ``"<name of a> <name of b>"``.
@@ -473,6 +494,7 @@ def digits_valm_dataset(
         split, val_fraction, seed, image_size, n: As in :func:`digits_vlm_dataset`.
         sampling_rate: Sampling rate of the tones (also stored per row).
         duration: Tone length in seconds.
+        nudge: Also include each digit shifted by one pixel in 4 directions (5× the rows; training augmentation).
 
     Returns:
         In-memory ``datasets.Dataset`` with columns ``messages``, ``images`` (one PIL image), ``audios`` (one tone),
@@ -487,7 +509,7 @@ def digits_valm_dataset(
     >>> type(row["audios"]).__name__, row["audios"][0].dtype, row["audios"][0].shape, row["sampling_rate"]
     ('list', dtype('float32'), (2000,), 8000)
     """
-    items = _items(split, val_fraction, seed, image_size, n)
+    items = _items(split, val_fraction, seed, image_size, n, nudge)
     rows = [_valm_row(item, sampling_rate, duration) for item in items]
     return datasets.Dataset.from_list(rows, features=VALM_FEATURES).with_transform(_audios_as_arrays)
 

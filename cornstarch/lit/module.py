@@ -239,7 +239,7 @@ class MultimodalLitModule(L.LightningModule):
         mean_loss = loss.compute()
         values = {f"{split}/epoch_loss": mean_loss, f"{split}/perplexity": torch.exp(mean_loss),
                   f"{split}/token_accuracy": self.metrics[f"{split}_acc"].compute()}
-        exact = self.metrics.get(f"{split}_exact_match")
+        exact = self.metrics[f"{split}_exact_match"] if f"{split}_exact_match" in self.metrics else None
         if exact is not None and exact.update_count > 0:
             values[f"{split}/exact_match"] = exact.compute()
         self.log_dict(values, prog_bar=split != "train", sync_dist=False)

@@ -44,3 +44,4 @@ def penultimate_layer_without_cls(inputs: dict[str, Any], output: Any) -> tuple:
 def penultimate_layer(inputs: dict[str, Any], output: Any) -> tuple:
     """``postprocess_module_callback`` returning layer -2's hidden states, CLS kept (Llava's ``"full"``)."""
     return (output.hidden_states[-2],)
+
