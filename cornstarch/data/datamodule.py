@@ -77,6 +77,11 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.dataset[int(index)], "__index__": int(index)}
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A whole batch in one Arrow read (the DataLoader uses it when present): far fewer Python calls."""
+        columns = self.dataset[[int(i) for i in indices]]
+        return [{**{k: v[j] for k, v in columns.items()}, "__index__": int(i)} for j, i in enumerate(indices)]
+
 
 class MultimodalDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders of multimodal samples.

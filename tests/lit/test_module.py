@@ -1,0 +1,324 @@
+"""MultimodalLitModule: freeze schedule, exact resume, construction-time errors, the CLI and validation metrics.
+
+Everything is tiny and built from configs (CLIP tower 8x8 images / 2x2 patches / hidden 32, Llama hidden 32, vocab
+600) on the offline digits demo, on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from cornstarch.data.datamodule import DatasetSpec, MultimodalDataModule
+from cornstarch.lit.cli import main
+from cornstarch.lit.module import MultimodalLitModule
+from cornstarch.lit.optim import OptimizerConfig, components_in
+from cornstarch.lit.schedule import Stage, components
+from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "experiments" / "digits_vlm.yaml"
+TOKENIZER = "cornstarch.data.demo:build_tokenizer"
+DATASET = "cornstarch.data.demo:digits_vlm_dataset"
+LM_LR = 5e-4
+TRANSITION = 3  # the language model starts training at this global step
+SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, name="align"),
+            Stage(train=["vision.module", "vision.projector", "language_model"], start=TRANSITION, name="finetune")]
+
+
+def vision_spec(**config) -> EncoderSpec:
+    return EncoderSpec(
+        model=PartSpec("transformers.CLIPVisionModel",
+                       config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=8, patch_size=2, **config)),
+        processor=ProcessorSpec("transformers.CLIPImageProcessor",
+                                kwargs={"size": {"shortest_edge": 8}, "crop_size": {"height": 8, "width": 8}}),
+        token="<image>",
+    )
+
+
+def lm_spec(**overrides) -> PartSpec:
+    config = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    return PartSpec("transformers.LlamaForCausalLM", config=config, **overrides)
+
+
+def make_module(**kwargs) -> MultimodalLitModule:
+    defaults = dict(
+        encoders={"vision": vision_spec()}, language_model=lm_spec(), tokenizer=TOKENIZER, projector_type="mlp",
+        optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": LM_LR}, schedule="constant"),
+        freeze_schedule=SCHEDULE,
+    )
+    defaults.update(kwargs)
+    return MultimodalLitModule(**defaults)
+
+
+def make_data(n_train: int = 64, n_val: int = 32) -> MultimodalDataModule:
+    return MultimodalDataModule(
+        train=DatasetSpec(DATASET, split="train", kwargs={"image_size": 8, "n": n_train}),
+        val=DatasetSpec(DATASET, split="validation", kwargs={"image_size": 8, "n": n_val}),
+        batch_size=8,
+    )
+
+
+def make_trainer(tmp_path, max_steps: int, limit_val_batches=0, callbacks=(), **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=limit_val_batches,
+                     default_root_dir=str(tmp_path), callbacks=list(callbacks),
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- 1. freeze schedule
+class StageRecorder(Callback):
+    """Per training step, after backward: requires_grad, grads, train mode and optimizer membership per component."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        parts = components(pl_module.model)
+        optimizer = trainer.optimizers[0]
+        lrs = {}
+        for group in optimizer.param_groups:
+            lrs.setdefault(group["name"].removesuffix(".no_decay"), set()).add(group["lr"])
+        modules = {"language_model": pl_module.model.language_model,
+                   "vision.module": pl_module.model.encoders["vision"].module,
+                   "vision.projector": pl_module.model.encoders["vision"].projector}
+        self.steps.append({
+            "step": trainer.global_step,
+            "stage": pl_module.stage_index,
+            "requires_grad": {n: {p.requires_grad for _, p in ps} for n, ps in parts.items()},
+            "has_grad": {n: any(p.grad is not None for _, p in ps) for n, ps in parts.items()},
+            "all_grad": {n: all(p.grad is not None for _, p in ps if p.requires_grad) for n, ps in parts.items()},
+            "in_optimizer": components_in(optimizer),
+            "optimized_ids": {id(p) for g in optimizer.param_groups for p in g["params"]},
+            "param_ids": {n: {id(p) for _, p in ps} for n, ps in parts.items()},
+            "lrs": lrs,
+            "training": {n: m.training for n, m in modules.items()},
+            "lm_submodules_training": {m.training for m in pl_module.model.language_model.modules()},
+        })
+
+
+def test_freeze_schedule_per_stage(tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = make_module()
+    # Stage 0 is applied at construction.
+    assert module.stage_index == 0
+    assert not any(p.requires_grad for p in module.model.language_model.parameters())
+    recorder = StageRecorder()
+    trainer = make_trainer(tmp_path, max_steps=5, callbacks=[recorder])
+    trainer.fit(module, datamodule=make_data(n_train=64))
+    assert [s["step"] for s in recorder.steps] == list(range(5))
+    for s in recorder.steps:
+        stage = 0 if s["step"] < TRANSITION else 1
+        assert s["stage"] == stage, s["step"]
+        # vision parts train throughout, with the default lr
+        for name in ("vision.module", "vision.projector"):
+            assert s["requires_grad"][name] == {True}
+            assert s["all_grad"][name] and s["has_grad"][name]
+            assert name in s["in_optimizer"]
+            assert s["lrs"][name] == {1e-3}
+            assert s["training"][name]
+        if stage == 0:
+            assert s["requires_grad"]["language_model"] == {False}, s["step"]
+            assert not s["has_grad"]["language_model"], s["step"]
+            assert "language_model" not in s["in_optimizer"], s["step"]
+            assert not (s["param_ids"]["language_model"] & s["optimized_ids"]), s["step"]
+            # a frozen part runs in eval mode (no dropout), every submodule of it
+            assert s["training"]["language_model"] is False
+            assert s["lm_submodules_training"] == {False}
+        else:
+            assert s["requires_grad"]["language_model"] == {True}, s["step"]
+            assert s["has_grad"]["language_model"] and s["all_grad"]["language_model"], s["step"]
+            assert "language_model" in s["in_optimizer"], s["step"]
+            assert s["param_ids"]["language_model"] <= s["optimized_ids"], s["step"]
+            assert s["lrs"]["language_model"] == {LM_LR}, s["step"]
+            assert s["training"]["language_model"] is True
+            assert s["lm_submodules_training"] == {True}
+    # No parameter is in the optimizer twice (the LM is added exactly once).
+    optimizer = trainer.optimizers[0]
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+
+
+# ------------------------------------------------------------------------------------------- 2. exact resume
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # global_step has already been incremented by the optimizer step
+        self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
+
+
+def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=False):
+    L.seed_everything(0, verbose=False)
+    module = make_module()
+    losses = LossRecorder()
+    callbacks = [losses]
+    if checkpoint:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1,
+                                         save_top_k=-1))
+    trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks)
+    trainer.fit(module, datamodule=make_data(n_train=64), ckpt_path=ckpt_path)
+    return losses.losses, module, trainer
+
+
+@pytest.mark.parametrize("resume_step", [TRANSITION - 1, TRANSITION])
+def test_resume_is_exact(tmp_path, resume_step):
+    """A run resumed from a mid-epoch checkpoint before the stage change reproduces the uninterrupted run."""
+    steps = 8  # 64 samples / batch 8: one epoch, so the checkpoints are mid-epoch
+    a_losses, a_module, _ = _run(tmp_path / "a", steps, checkpoint=True)
+    assert sorted(a_losses) == list(range(steps))
+    ckpt = tmp_path / "a" / "ckpt" / f"step={resume_step}.ckpt"
+    assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["cornstarch_stage"] == 0
+    b_losses, b_module, b_trainer = _run(tmp_path / "b", steps, ckpt_path=str(ckpt))
+    assert sorted(b_losses) == list(range(resume_step, steps))
+    for step in range(resume_step, steps):
+        assert torch.equal(b_losses[step], a_losses[step]), (step, b_losses[step].item(), a_losses[step].item())
+    assert b_module.stage_index == 1
+    for (name, pa), (_, pb) in zip(a_module.state_dict().items(), b_module.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert b_trainer.global_step == steps
+
+
+# ------------------------------------------------------------------------------------------- 3. bad configurations
+def test_unknown_component_in_freeze_schedule():
+    with pytest.raises(ValueError, match=r"audio\.module.*components"):
+        make_module(freeze_schedule=[Stage(train=["vision.projector", "audio.module"])])
+
+
+def test_unknown_lr_group():
+    with pytest.raises(ValueError, match=r"lr_groups.*langauge_model"):
+        make_module(optimizer=OptimizerConfig(lr_groups={"langauge_model": 1e-4}))
+
+
+def test_unknown_projector_type():
+    with pytest.raises(ValueError, match=r"(?i)projector.*qformer|qformer.*projector"):
+        make_module(projector_type="qformer")
+
+
+def test_missing_pretrained_path(tmp_path):
+    missing = str(tmp_path / "no_such_checkpoint")
+    with pytest.raises((ValueError, OSError, FileNotFoundError)) as info:
+        make_module(language_model=PartSpec("transformers.LlamaForCausalLM", pretrained=missing))
+    assert "no_such_checkpoint" in str(info.value)
+
+
+def _printed_config(tmp_path) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIG), "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(out.getvalue())
+    assert config["model"]["freeze_schedule"][1]["start"] == 20
+    return config
+
+
+def _tiny_config(tmp_path) -> Path:
+    """The experiment's printed config, shrunk and pointed into tmp_path (no RichProgressBar)."""
+    config = _printed_config(tmp_path)
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(tmp_path / "run")
+    trainer["logger"] = False
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("RichProgressBar")
+                            and not c["class_path"].endswith("LearningRateMonitor")]
+    for cb in trainer["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
+    trainer["enable_progress_bar"] = False
+    trainer["enable_model_summary"] = False
+    path = tmp_path / "printed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_nonexistent_ckpt_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nonexistent.ckpt.*does not exist"):
+        main(["fit", "--config", str(CONFIG), "--ckpt_path", "/nonexistent.ckpt"])
+
+
+# ------------------------------------------------------------------------------------------- 4. CLI round trip
+def test_cli_print_config_fit_and_export(tmp_path, monkeypatch):
+    from cornstarch.models.multimodal_language_model import MultimodalModel, MultimodalProcessor
+
+    monkeypatch.chdir(tmp_path)
+    config = _tiny_config(tmp_path)
+    small = ["--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+             "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+             "--data.train.kwargs.n", "16", "--data.val.kwargs.n", "8", "--data.batch_size", "8",
+             "--data.eval_batch_size", "8"]
+    main(["fit", "--config", str(config), *small])
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert ckpts, list((tmp_path / "run").rglob("*"))
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    out = tmp_path / "exported"
+    main(["export", "--config", str(config), "--ckpt_path", str(ckpts[-1]), "--output_dir", str(out)])
+    assert (out / "config.json").exists()
+
+    # The exported directory loads back and gives the trained module's logits.
+    module = MultimodalLitModule(**{k: v for k, v in _module_kwargs(config).items()})
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    model = MultimodalModel.from_pretrained(str(out)).eval()
+    processor = MultimodalProcessor.from_pretrained(str(out))
+    from cornstarch.data.demo import digits_vlm_dataset
+
+    row = digits_vlm_dataset("validation", image_size=8, n=2)[0]
+    batch = make_data(8, 8)
+    batch.processor = processor
+    batch.setup()
+    inputs, _ = MultimodalLitModule._split(next(iter(batch.val_dataloader())))
+    with torch.no_grad():
+        expected = module.model(**inputs).logits
+        got = model(**inputs).logits
+    assert row["images"][0].size == (8, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert processor.tokenizer.get_vocab() == module.processor.tokenizer.get_vocab()
+    assert processor.token_ids == module.processor.token_ids
+
+
+def _module_kwargs(config_path: Path) -> dict:
+    """MultimodalLitModule arguments from a printed config (dataclass specs rebuilt from plain dicts)."""
+    cfg = yaml.safe_load(config_path.read_text())["model"]
+
+    def part(d):
+        return PartSpec(**d)
+
+    encoders = {k: EncoderSpec(**{**v, "model": part(v["model"]), "processor": ProcessorSpec(**v["processor"])})
+                for k, v in cfg["encoders"].items()}
+    return dict(encoders=encoders, language_model=part(cfg["language_model"]), tokenizer=cfg["tokenizer"],
+                projector_type=cfg["projector_type"], projector_activation=cfg["projector_activation"],
+                optimizer=OptimizerConfig(**cfg["optimizer"]),
+                freeze_schedule=[Stage(**s) for s in cfg["freeze_schedule"]])
+
+
+# ------------------------------------------------------------------------------------------- 5. validation metrics
+def test_validation_logs_exact_match_and_perplexity(tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = make_module()
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=2)
+    results = trainer.validate(module, datamodule=make_data(n_train=16, n_val=16), verbose=False)
+    metrics = results[0]
+    assert "val/exact_match" in metrics and "val/perplexity" in metrics, metrics
+    assert 0.0 <= metrics["val/exact_match"] <= 1.0
+    assert torch.isfinite(torch.tensor(metrics["val/perplexity"]))
+    assert metrics["val/perplexity"] > 1.0
+    assert metrics["val/perplexity"] == pytest.approx(torch.exp(torch.tensor(metrics["val/epoch_loss"])).item(),
+                                                      rel=1e-5)
+    # also logged by fit's validation
+    trainer = make_trainer(tmp_path / "fit", max_steps=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=make_data(n_train=8, n_val=8))
+    assert 0.0 <= float(trainer.callback_metrics["val/exact_match"]) <= 1.0
+    assert "val/perplexity" in trainer.callback_metrics
