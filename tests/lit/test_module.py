@@ -7,6 +7,7 @@ Everything is tiny and built from configs (CLIP tower 8x8 images / 2x2 patches /
 from __future__ import annotations
 
 import contextlib
+import re
 import io
 import os
 from pathlib import Path
@@ -98,7 +99,9 @@ class StageRecorder(Callback):
             "stage": pl_module.stage_index,
             "requires_grad": {n: {p.requires_grad for _, p in ps} for n, ps in parts.items()},
             "has_grad": {n: any(p.grad is not None for _, p in ps) for n, ps in parts.items()},
-            "all_grad": {n: all(p.grad is not None for _, p in ps if p.requires_grad) for n, ps in parts.items()},
+            # (CLIP's post_layernorm only feeds the pooled output, which the projector does not use)
+            "all_grad": {n: all(p.grad is not None for k, p in ps if p.requires_grad and "post_layernorm" not in k)
+                         for n, ps in parts.items()},
             "in_optimizer": components_in(optimizer),
             "optimized_ids": {id(p) for g in optimizer.param_groups for p in g["params"]},
             "param_ids": {n: {id(p) for _, p in ps} for n, ps in parts.items()},
@@ -160,29 +163,32 @@ class LossRecorder(Callback):
         self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
 
 
-def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=False):
+def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None, schedule=SCHEDULE, n_train=64,
+         optimizer=None):
     L.seed_everything(0, verbose=False)
-    module = make_module()
+    module = make_module(freeze_schedule=schedule, **({"optimizer": optimizer} if optimizer else {}))
     losses = LossRecorder()
     callbacks = [losses]
-    if checkpoint:
+    if checkpoint == "step":
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1,
                                          save_top_k=-1))
+    elif checkpoint == "epoch":
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_epochs=1,
+                                         save_on_train_epoch_end=True, save_top_k=-1))
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks)
-    trainer.fit(module, datamodule=make_data(n_train=64), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=make_data(n_train=n_train), ckpt_path=ckpt_path, weights_only=weights_only)
     return losses.losses, module, trainer
 
 
-@pytest.mark.parametrize("resume_step", [TRANSITION - 1, TRANSITION])
-def test_resume_is_exact(tmp_path, resume_step):
-    """A run resumed from a mid-epoch checkpoint before the stage change reproduces the uninterrupted run."""
-    steps = 8  # 64 samples / batch 8: one epoch, so the checkpoints are mid-epoch
-    a_losses, a_module, _ = _run(tmp_path / "a", steps, checkpoint=True)
+def _check_resume(tmp_path, resume_step, steps, **kwargs):
+    a_losses, a_module, _ = _run(tmp_path / "a", steps, **kwargs)
     assert sorted(a_losses) == list(range(steps))
     ckpt = tmp_path / "a" / "ckpt" / f"step={resume_step}.ckpt"
     assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["cornstarch_stage"] == 0
-    b_losses, b_module, b_trainer = _run(tmp_path / "b", steps, ckpt_path=str(ckpt))
+    kwargs.pop("checkpoint")
+    # weights_only=False: see test_resume_with_default_checkpoint_loading for why it is needed
+    b_losses, b_module, b_trainer = _run(tmp_path / "b", steps, ckpt_path=str(ckpt), weights_only=False, **kwargs)
     assert sorted(b_losses) == list(range(resume_step, steps))
     for step in range(resume_step, steps):
         assert torch.equal(b_losses[step], a_losses[step]), (step, b_losses[step].item(), a_losses[step].item())
@@ -190,6 +196,48 @@ def test_resume_is_exact(tmp_path, resume_step):
     for (name, pa), (_, pb) in zip(a_module.state_dict().items(), b_module.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert b_trainer.global_step == steps
+
+
+COSINE = OptimizerConfig(lr=1e-3, lr_groups={"language_model": LM_LR}, warmup_steps=2, schedule="cosine")
+EPOCH_SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, unit="epoch"),
+                  Stage(train=["vision.module", "vision.projector", "language_model"], start=2, unit="epoch")]
+
+
+@pytest.mark.parametrize("checkpoint", ["step", pytest.param("epoch", marks=pytest.mark.xfail(strict=True, reason=(
+    "LIBRARY BUG: resumed from a checkpoint saved in on_train_epoch_end, Lightning runs the first resumed batch with "
+    "trainer.current_epoch still the old epoch, so an epoch-unit stage starting at the next epoch is applied one "
+    "step late (the LM misses step 4's update). _sync_stage should take the epoch from the restored loop state "
+    "(epoch_progress.current.processed) or on_load_checkpoint should apply the next epoch's stage")))])
+def test_resume_is_exact_at_epoch_boundary(tmp_path, checkpoint):
+    """16 samples / batch 8 = 2 steps per epoch; the LM joins at epoch 2 (step 4). Resume from the end of epoch 1
+    (step 4, still stage 0) reproduces steps 4..7 of the uninterrupted run bit for bit.
+
+    ``checkpoint="step"`` saves after the epoch's last batch (on_train_batch_end), ``"epoch"`` in on_train_epoch_end.
+    """
+    _check_resume(tmp_path, resume_step=4, steps=8, checkpoint=checkpoint, schedule=EPOCH_SCHEDULE, n_train=16,
+                  optimizer=COSINE)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LIBRARY BUG: the train DataLoader is not resumable (no state_dict/load_state_dict), so Lightning restarts a "
+    "mid-epoch resumed epoch from its first batch while global_step/batch_idx continue: the resumed run trains on "
+    "different batches (EpochShuffleSampler's promise 'a run resumed from a checkpoint sees exactly the batches the "
+    "uninterrupted run saw' only holds at epoch boundaries)"))
+@pytest.mark.parametrize("resume_step", [TRANSITION - 1, TRANSITION])
+def test_resume_is_exact_mid_epoch(tmp_path, resume_step):
+    """64 samples / batch 8: one epoch of 8 steps, so the step checkpoints are mid-epoch."""
+    _check_resume(tmp_path, resume_step=resume_step, steps=8, checkpoint="step", optimizer=COSINE)
+
+
+@pytest.mark.xfail(strict=True, raises=__import__("pickle").UnpicklingError, reason=(
+    "LIBRARY BUG: save_hyperparameters() stores EncoderSpec/PartSpec/Stage/OptimizerConfig dataclasses in the "
+    "checkpoint; Lightning loads local checkpoints with torch.load(weights_only=True) by default, which refuses "
+    "them, so `trainer.fit(ckpt_path=...)` / `cornstarch fit --ckpt_path last.ckpt` cannot resume"))
+def test_resume_with_default_checkpoint_loading(tmp_path):
+    _run(tmp_path / "a", 1, checkpoint="step")
+    ckpt = tmp_path / "a" / "ckpt" / "step=1.ckpt"
+    losses, _, trainer = _run(tmp_path / "b", 2, ckpt_path=str(ckpt))
+    assert sorted(losses) == [1] and trainer.global_step == 2
 
 
 # ------------------------------------------------------------------------------------------- 3. bad configurations
@@ -204,15 +252,21 @@ def test_unknown_lr_group():
 
 
 def test_unknown_projector_type():
-    with pytest.raises(ValueError, match=r"(?i)projector.*qformer|qformer.*projector"):
+    with pytest.raises(ValueError, match=r"qformer.*linear, mlp"):
         make_module(projector_type="qformer")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "LIBRARY BUG: PartSpec.build passes a missing local path straight to from_pretrained, which treats it as a hub "
+    "id and raises OSError \"Repo id must be in the form 'repo_name' or 'namespace/repo_name'\" instead of saying "
+    "the directory does not exist; PartSpec.build should check paths that look local (start with / . ~ or exist as "
+    "a parent dir) and raise ValueError/FileNotFoundError naming the part and path"))
 def test_missing_pretrained_path(tmp_path):
     missing = str(tmp_path / "no_such_checkpoint")
-    with pytest.raises((ValueError, OSError, FileNotFoundError)) as info:
+    with pytest.raises((ValueError, OSError)) as info:
         make_module(language_model=PartSpec("transformers.LlamaForCausalLM", pretrained=missing))
     assert "no_such_checkpoint" in str(info.value)
+    assert re.search(r"(?i)does not exist|not found|no such", str(info.value)), str(info.value)
 
 
 def _printed_config(tmp_path) -> dict:
@@ -264,7 +318,7 @@ def test_cli_print_config_fit_and_export(tmp_path, monkeypatch):
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
     out = tmp_path / "exported"
-    main(["export", "--config", str(config), "--ckpt_path", str(ckpts[-1]), "--output_dir", str(out)])
+    main(["export", "--config", str(CONFIG), "--ckpt_path", str(ckpts[-1]), "--output_dir", str(out)])
     assert (out / "config.json").exists()
 
     # The exported directory loads back and gives the trained module's logits.
@@ -319,6 +373,29 @@ def test_validation_logs_exact_match_and_perplexity(tmp_path):
                                                       rel=1e-5)
     # also logged by fit's validation
     trainer = make_trainer(tmp_path / "fit", max_steps=1, limit_val_batches=1)
-    trainer.fit(module, datamodule=make_data(n_train=8, n_val=8))
+    trainer.fit(make_module(), datamodule=make_data(n_train=8, n_val=8))
     assert 0.0 <= float(trainer.callback_metrics["val/exact_match"]) <= 1.0
     assert "val/perplexity" in trainer.callback_metrics
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "LIBRARY BUG: _log_epoch resets the val MeanMetrics inside trainer.validate's inference mode, so their states "
+    "become inference tensors; fit's validation (no_grad, not inference mode) then fails updating them in place "
+    "('Inplace update to inference tensor outside InferenceMode')"))
+def test_validate_then_fit_same_module(tmp_path):
+    module = make_module()
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=1).validate(module, datamodule=make_data(8, 8), verbose=False)
+    trainer = make_trainer(tmp_path / "fit", max_steps=1, limit_val_batches=1)
+    trainer.fit(module, datamodule=make_data(n_train=8, n_val=8))
+    assert "val/exact_match" in trainer.callback_metrics
+
+
+@pytest.mark.xfail(strict=True, raises=SystemExit, reason=(
+    "LIBRARY BUG: the config printed by `cornstarch fit --print_config` holds fit's `weights_only` (and ckpt_path) "
+    "keys; CornstarchTrainer.export has no `weights_only` parameter, so `cornstarch export --config <that file>` "
+    "exits with \"Subcommand 'export' does not accept option 'weights_only'\". Add weights_only to export"))
+def test_cli_export_accepts_printed_fit_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _tiny_config(tmp_path)
+    main(["export", "--config", str(config), "--output_dir", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "config.json").exists()
