@@ -50,8 +50,8 @@ class LengthGroupedSampler(Sampler[int]):
 class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch, seeded by ``seed + epoch``: the same order after a resume.
 
-    Lightning calls :meth:`set_epoch` at each epoch start, so a run resumed from a checkpoint sees exactly the
-    batches the uninterrupted run saw.
+    Lightning calls :meth:`set_epoch` at each epoch start, so a run resumed from an epoch-boundary checkpoint sees
+    exactly the batches the uninterrupted run saw (mid-epoch resume is not exact yet: the loader keeps no state).
 
     >>> sampler = EpochShuffleSampler(4, seed=0)
     >>> first = list(sampler); sampler.set_epoch(1); second = list(sampler); sampler.set_epoch(0)

@@ -24,7 +24,7 @@ class CornstarchTrainer(L.Trainer):
     """A Lightning ``Trainer`` with an ``export`` entry point."""
 
     def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
-               output_dir: str = "exported", merge_lora: bool = True) -> str:
+               output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None) -> str:
         """Write the trained model and its processor as ``save_pretrained`` directories.
 
         Args:
@@ -34,6 +34,7 @@ class CornstarchTrainer(L.Trainer):
             output_dir: the directory; ``MultimodalModel.from_pretrained`` and ``MultimodalProcessor.from_pretrained``
                 load it.
             merge_lora: fold LoRA adapters into the LM weights.
+            weights_only: accepted so a config printed by ``fit --print_config`` works; checkpoints are read fully.
 
         Returns:
             ``output_dir``.

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from ..models.builder import EncoderSpec, PartSpec, build_model_and_processor
+from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
@@ -46,6 +46,11 @@ class GenerationSpec:
 
     max_new_tokens: int = 8
     exact_match: bool = True
+
+
+# Checkpoints keep the specs as hyperparameters; let torch's weights-only loader (Lightning's default) read them.
+torch.serialization.add_safe_globals([EncoderSpec, PartSpec, ProcessorSpec, OptimizerConfig, Stage, LoraSpec,
+                                      GenerationSpec])
 
 
 class MultimodalLitModule(L.LightningModule):
@@ -147,6 +152,7 @@ class MultimodalLitModule(L.LightningModule):
         self._sync_stage()
 
     def on_train_epoch_start(self) -> None:
+        self._reset("train")
         self._sync_stage()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -243,9 +249,19 @@ class MultimodalLitModule(L.LightningModule):
         if exact is not None and exact.update_count > 0:
             values[f"{split}/exact_match"] = exact.compute()
         self.log_dict(values, prog_bar=split != "train", sync_dist=False)
-        for name in ("loss", "acc", "exact_match"):
-            if f"{split}_{name}" in self.metrics:
-                self.metrics[f"{split}_{name}"].reset()
+
+    def _reset(self, split: str) -> None:
+        """Reset a split's metrics at its epoch start (outside validate's inference mode, so state stays usable)."""
+        with torch.inference_mode(False):
+            for name in ("loss", "acc", "exact_match"):
+                if f"{split}_{name}" in self.metrics:
+                    self.metrics[f"{split}_{name}"].reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         inputs, extras = self._split(batch)

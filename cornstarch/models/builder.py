@@ -6,6 +6,7 @@ spec serves a tiny CPU experiment and a GPU recipe with real checkpoints.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,12 @@ class PartSpec:
         cls = _class(self.class_path)
         dtype = getattr(torch, self.dtype) if self.dtype else None
         if self.pretrained:
+            path = os.path.expanduser(self.pretrained)
+            looks_local = self.pretrained.startswith(("/", ".", "~")) or self.pretrained.count("/") > 1
+            if looks_local and not os.path.exists(path):  # hub ids are "name" or "org/name"
+                raise FileNotFoundError(f"{self.class_path}: pretrained path {self.pretrained!r} does not exist.")
             extra = {"dtype": dtype} if dtype is not None else {}
-            return cls.from_pretrained(self.pretrained, **self.config, **extra, **self.kwargs)
+            return cls.from_pretrained(path, **self.config, **extra, **self.kwargs)
         if not self.config:
             raise ValueError(f"{self.class_path}: give pretrained=<path or hub id> or an inline config.")
         model = cls(cls.config_class(**self.config), **self.kwargs)

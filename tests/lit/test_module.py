@@ -229,10 +229,6 @@ def test_resume_is_exact_mid_epoch(tmp_path, resume_step):
     _check_resume(tmp_path, resume_step=resume_step, steps=8, checkpoint="step", optimizer=COSINE)
 
 
-@pytest.mark.xfail(strict=True, raises=__import__("pickle").UnpicklingError, reason=(
-    "LIBRARY BUG: save_hyperparameters() stores EncoderSpec/PartSpec/Stage/OptimizerConfig dataclasses in the "
-    "checkpoint; Lightning loads local checkpoints with torch.load(weights_only=True) by default, which refuses "
-    "them, so `trainer.fit(ckpt_path=...)` / `cornstarch fit --ckpt_path last.ckpt` cannot resume"))
 def test_resume_with_default_checkpoint_loading(tmp_path):
     _run(tmp_path / "a", 1, checkpoint="step")
     ckpt = tmp_path / "a" / "ckpt" / "step=1.ckpt"
@@ -256,11 +252,6 @@ def test_unknown_projector_type():
         make_module(projector_type="qformer")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LIBRARY BUG: PartSpec.build passes a missing local path straight to from_pretrained, which treats it as a hub "
-    "id and raises OSError \"Repo id must be in the form 'repo_name' or 'namespace/repo_name'\" instead of saying "
-    "the directory does not exist; PartSpec.build should check paths that look local (start with / . ~ or exist as "
-    "a parent dir) and raise ValueError/FileNotFoundError naming the part and path"))
 def test_missing_pretrained_path(tmp_path):
     missing = str(tmp_path / "no_such_checkpoint")
     with pytest.raises((ValueError, OSError)) as info:
@@ -378,10 +369,6 @@ def test_validation_logs_exact_match_and_perplexity(tmp_path):
     assert "val/perplexity" in trainer.callback_metrics
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "LIBRARY BUG: _log_epoch resets the val MeanMetrics inside trainer.validate's inference mode, so their states "
-    "become inference tensors; fit's validation (no_grad, not inference mode) then fails updating them in place "
-    "('Inplace update to inference tensor outside InferenceMode')"))
 def test_validate_then_fit_same_module(tmp_path):
     module = make_module()
     make_trainer(tmp_path, max_steps=1, limit_val_batches=1).validate(module, datamodule=make_data(8, 8), verbose=False)
@@ -390,10 +377,6 @@ def test_validate_then_fit_same_module(tmp_path):
     assert "val/exact_match" in trainer.callback_metrics
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit, reason=(
-    "LIBRARY BUG: the config printed by `cornstarch fit --print_config` holds fit's `weights_only` (and ckpt_path) "
-    "keys; CornstarchTrainer.export has no `weights_only` parameter, so `cornstarch export --config <that file>` "
-    "exits with \"Subcommand 'export' does not accept option 'weights_only'\". Add weights_only to export"))
 def test_cli_export_accepts_printed_fit_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _tiny_config(tmp_path)
