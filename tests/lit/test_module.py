@@ -382,3 +382,26 @@ def test_cli_export_accepts_printed_fit_config(tmp_path, monkeypatch):
     config = _tiny_config(tmp_path)
     main(["export", "--config", str(config), "--output_dir", str(tmp_path / "exported")])
     assert (tmp_path / "exported" / "config.json").exists()
+
+
+def test_image_audio_experiment_parses_and_builds():
+    """experiments/digits_valm.yaml is a valid config whose model has both encoders wired to the processor."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIG.parent / "digits_valm.yaml"), "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(out.getvalue())
+    assert set(config["model"]["encoders"]) == {"vision", "audio"}
+    assert config["data"]["train"]["path"] == "cornstarch.data.demo:digits_valm_dataset"
+
+
+@pytest.mark.parametrize("recipe", sorted((CONFIG.parent / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
+def test_gpu_recipes_print_config_offline(recipe):
+    """GPU recipes name hub checkpoints; --print_config parses them without building (or downloading) anything."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(out.getvalue())
+    assert config["model"]["language_model"]["pretrained"]
+    assert [s["name"] for s in config["model"]["freeze_schedule"]] == ["align", "finetune"]
