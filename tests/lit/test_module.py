@@ -405,3 +405,37 @@ def test_gpu_recipes_print_config_offline(recipe):
     config = yaml.safe_load(out.getvalue())
     assert config["model"]["language_model"]["pretrained"]
     assert [s["name"] for s in config["model"]["freeze_schedule"]] == ["align", "finetune"]
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path):
+    from cornstarch.lit import LoraSpec
+    from cornstarch.lit.cli import CornstarchTrainer
+    from cornstarch.models.multimodal_language_model import MultimodalModel
+
+    schedule = [Stage(["vision.projector", "lora"], start=0)]
+    module = make_module(lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), freeze_schedule=schedule,
+                         optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+    parts = components(module.model)
+    assert "lora" in parts and all("lora_" in n for n, _ in parts["lora"])
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, make_data())
+    after = dict(module.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n or ".projector." in n for n in changed), sorted(changed)[:5]
+    assert any("lora_B" in n for n in changed), "adapters learned"
+
+    ckpt = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = make_module(lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), freeze_schedule=schedule)
+    again.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])  # projector + adapters together
+    data = make_data()
+    data.processor = module.processor
+    batch = next(iter(data.train_dataloader()))
+    module.eval(), again.eval()
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+        assert torch.equal(again.model(**batch).logits, expected)
+        CornstarchTrainer(logger=False).export(again, output_dir=str(tmp_path / "exported"))
+        merged = MultimodalModel.from_pretrained(tmp_path / "exported").eval()
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
