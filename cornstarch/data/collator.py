@@ -30,6 +30,20 @@ def default_fields(keys: Sequence[str]) -> dict[str, str]:
     return {key: DEFAULT_FIELDS.get(key, f"{key}s") for key in keys}
 
 
+def field_values(sample: Mapping[str, Any], name: str) -> list[Any]:
+    """The items a sample holds in field ``name`` (or its singular, e.g. imagefolder's ``image``), as a list.
+
+    >>> field_values({"image": "a.png"}, "images"), field_values({}, "audios")
+    (['a.png'], [])
+    """
+    values = sample.get(name)
+    if values is None and name.endswith("s"):
+        values = sample.get(name[:-1])
+    if values is None:
+        return []
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
 def _first_argument(processor: Any) -> str:
     params = [p for p in inspect.signature(processor.__call__).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -101,11 +115,7 @@ class MultimodalCollator:
                                                  f"(encoders: {list(self.fields)}).")
         items = {}
         for key, name in self.fields.items():
-            values = sample.get(name)
-            if values is None:  # e.g. imagefolder's single "image" column
-                values = sample.get(name[:-1]) if name.endswith("s") else None
-            values = [] if values is None else values
-            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            values = field_values(sample, name)
             if self._is_audio(key):
                 rate = sample.get("sampling_rate") or self.sampling_rate
                 values = [{"array": v, "sampling_rate": rate} if isinstance(v, (list, np.ndarray)) else v for v in values]

@@ -14,7 +14,7 @@ from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
-from .collator import MultimodalCollator
+from .collator import MultimodalCollator, field_values
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class MultimodalDataModule(L.LightningDataModule):
         fields = collator.fields
         light = _without_decoding(dataset)
         rows = [dict(r, __index__=i) for i, r in enumerate(light)]
-        items = [{key: len(_as_list(r.get(name, r.get(name[:-1])))) for key, name in fields.items()} for r in rows]
+        items = [{key: len(field_values(r, name)) for key, name in fields.items()} for r in rows]
         for key in fields:
             first = next((i for i, its in enumerate(items) if its[key]), None)
             if first is not None:
@@ -226,12 +226,6 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", generate=True)
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _undecoded(feature: Any) -> Any:
