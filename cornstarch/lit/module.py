@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from ..models.multimodal_language_model.supervised_loss import next_token_targets
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
 
@@ -190,10 +191,12 @@ class MultimodalLitModule(L.LightningModule):
 
     def _teacher_forced(self, split: str, inputs: dict[str, Any]) -> torch.Tensor:
         out = self.model(**inputs)
-        labels = inputs["labels"][:, 1:]  # [batch, seq-1]
-        supervised = labels != IGNORE_INDEX
+        positions = getattr(out, "logits_positions", None)  # set when only supervised columns have logits
+        targets = next_token_targets(inputs["labels"], positions)  # [batch, n_columns]
+        logits = out.logits if positions is not None else out.logits[:, :-1]  # [batch, n_columns, vocab]
+        supervised = targets != IGNORE_INDEX
         n = supervised.sum()
-        correct = ((out.logits[:, :-1].argmax(-1) == labels) & supervised).sum()
+        correct = ((logits.argmax(-1) == targets) & supervised).sum()
         batch_size = inputs["input_ids"].shape[0]
         self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
         self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)

@@ -90,6 +90,7 @@ class EncoderSpec:
         processor: its processor.
         token: placeholder text in prompts (default ``<{key}>``).
         preprocess_callback, postprocess_module_callback, postprocess_projector_callback: import paths.
+        feature_layer: features from this encoder layer (-2: Llava's default); later layers are dropped.
     """
 
     model: PartSpec
@@ -98,10 +99,13 @@ class EncoderSpec:
     preprocess_callback: str | None = None
     postprocess_module_callback: str | None = None
     postprocess_projector_callback: str | None = None
+    feature_layer: int | None = None
 
-    def callbacks(self) -> dict[str, Any]:
+    def module_kwargs(self) -> dict[str, Any]:
+        """``ModalEncoderModule`` keyword arguments: the resolved callbacks and ``feature_layer``."""
         names = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
-        return {n: resolve(getattr(self, n)) for n in names if getattr(self, n)}
+        return {**{n: resolve(getattr(self, n)) for n in names if getattr(self, n)},
+                "feature_layer": self.feature_layer}
 
 
 def build_tokenizer(path: str) -> Any:
@@ -126,7 +130,7 @@ def build_model_and_processor(
     """
     tok = build_tokenizer(tokenizer)
     lm = language_model.build()
-    modules = {key: ModalEncoderModule(spec.model.build(), **spec.callbacks()) for key, spec in encoders.items()}
+    modules = {key: ModalEncoderModule(spec.model.build(), **spec.module_kwargs()) for key, spec in encoders.items()}
     model = MultimodalModel(modules, lm, init_projector_type=projector_type, init_activation=projector_activation)
     processor = MultimodalProcessor(
         {key: spec.processor.build() for key, spec in encoders.items()}, tok, model=model,

@@ -2,9 +2,14 @@
 
 They are module-level functions, so a model using them saves and loads without extra arguments.
 
-Llava's default (``vision_feature_layer=-2``, ``vision_feature_select_strategy="default"``):
+Llava's default (``vision_feature_layer=-2``, ``vision_feature_select_strategy="default"``), computing only the
+layers it needs (the encoder is truncated after layer -2):
 
 >>> from cornstarch.models.multimodal_language_model import ModalEncoderModule
+>>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
+
+The same features from the whole encoder (every layer computed; the reference page's way):
+
 >>> # ModalEncoderModule(clip, preprocess_callback=request_hidden_states,
 >>> #                    postprocess_module_callback=penultimate_layer_without_cls)
 """
@@ -45,3 +50,16 @@ def penultimate_layer(inputs: dict[str, Any], output: Any) -> tuple:
     """``postprocess_module_callback`` returning layer -2's hidden states, CLS kept (Llava's ``"full"``)."""
     return (output.hidden_states[-2],)
 
+
+
+@changes_feature_count(lambda n: n - 1)
+def without_cls(inputs: dict[str, Any], output: Any) -> tuple:
+    """``postprocess_module_callback`` dropping the first (CLS) token of the encoder output's element 0.
+
+    With ``ModalEncoderModule(..., feature_layer=k)`` element 0 is layer ``k``'s output, so this is Llava's
+    ``"default"`` strategy on that layer.
+
+    Returns:
+        A 1-tuple ``(features [n_items, n_tokens - 1, hidden],)``.
+    """
+    return ((output if hasattr(output, "shape") else output[0])[:, 1:],)

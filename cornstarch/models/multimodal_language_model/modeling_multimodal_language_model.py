@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,8 +19,10 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from ..encoder_layers import LayerOutput, layer_stack, truncate_after
 from .configuration_multimodal_language_model import (
     MultimodalModelConfig,
     MultimodalProjectorConfig,
@@ -27,6 +30,7 @@ from .configuration_multimodal_language_model import (
 )
 from .import_paths import UNSERIALIZABLE, import_path, resolve
 from .merging import merge_embeddings, modality_masks
+from .supervised_loss import causal_lm_loss, next_token_targets, supervised_positions
 
 WEIGHTS_NAME = "model.safetensors"
 try:  # keyword arguments every transformers model forward accepts through **kwargs
@@ -169,9 +173,17 @@ class ModalEncoderModule(nn.Module):
         projector: a :class:`MultimodalProjector` (a plain ``nn.Module`` is wrapped in one); ``None`` lets
             :class:`MultimodalModel` create one sized encoder hidden → LLM hidden.
         preprocess_callback, postprocess_module_callback, postprocess_projector_callback: see above.
+        feature_layer: take the features from this layer (an index into the encoder's layer list: ``-2`` is
+            Llava's default) instead of the encoder's final output. The layers after it are removed from the
+            encoder (never computed, never saved); its raw output, before any final norm or pooling head, becomes
+            element 0 of the encoder output the callbacks see. ``None``: the encoder's output as is.
 
     Raises:
-        ValueError: if no encoder module is given, or ``model`` and ``module`` disagree.
+        ValueError: if no encoder module is given, ``model`` and ``module`` disagree, or ``feature_layer`` does
+            not fit the encoder.
+
+    >>> # Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
+    >>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
     """
 
     def __init__(
@@ -181,6 +193,7 @@ class ModalEncoderModule(nn.Module):
         preprocess_callback: Callable[[dict], dict] | None = None,
         postprocess_module_callback: Callable[[dict, Any], Any] | None = None,
         postprocess_projector_callback: Callable[..., Any] | None = None,
+        feature_layer: int | None = None,
         *,
         module: nn.Module | None = None,
     ):
@@ -199,6 +212,12 @@ class ModalEncoderModule(nn.Module):
         self.preprocess_callback = preprocess_callback
         self.postprocess_module_callback = postprocess_module_callback
         self.postprocess_projector_callback = postprocess_projector_callback
+        # After truncation the selected layer is the encoder's last one: -1 from then on (and when saved).
+        self.feature_layer = None if feature_layer is None else -1
+        self._layers_path = None
+        if feature_layer is not None:
+            truncate_after(model, feature_layer)
+            self._layers_path = layer_stack(model)[0]
         params = inspect.signature(model.forward).parameters.values()
         self._module_arguments = frozenset(
             p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
@@ -237,7 +256,12 @@ class ModalEncoderModule(nn.Module):
             inputs = self.preprocess_callback(inputs)
         passed = {k: v for k, v in inputs.items() if k in self._module_arguments or k not in raw_keys}
         with torch.set_grad_enabled(self._needs_grad(passed)):
-            output = self.module(**passed)  # element 0: [n_items, n_tokens, hidden]
+            if self._layers_path is None:
+                output = self.module(**passed)  # element 0: [n_items, n_tokens, hidden]
+            else:
+                with LayerOutput(self.module.get_submodule(self._layers_path)[-1]) as selected:
+                    output = self.module(**passed)
+                output = _replace_first(output, selected.value)  # the selected layer's raw output
         if self.postprocess_module_callback is not None:
             output = self.postprocess_module_callback(inputs, output)
         output = _replace_first(output, self.projector(_first(output)))
@@ -264,6 +288,17 @@ def _build_part(spec: dict[str, Any], what: str) -> nn.Module:
     if hasattr(module, "tie_weights"):  # no_init_weights() also skips tying (GPT-2, Gemma share embeddings)
         module.tie_weights()
     return module.to(getattr(torch, spec["dtype"])) if spec.get("dtype") else module
+
+
+@dataclass
+class MultimodalCausalLMOutput(CausalLMOutputWithPast):
+    """A causal-LM output whose ``logits`` may cover only some columns.
+
+    ``logits_positions``: ``[n_kept]`` column indices when ``logits`` is ``[batch, n_kept, vocab]`` (training with
+    labels: only supervised positions); None when ``logits`` covers every position.
+    """
+
+    logits_positions: torch.LongTensor | None = None
 
 
 class MultimodalModel(nn.Module):
@@ -313,6 +348,8 @@ class MultimodalModel(nn.Module):
         self._encoder_keys = tuple(encoders)
         self.modality_token_ids: dict[str, int] = {}
         self._lm_arguments: frozenset[str] | None = None
+        # In training with labels, compute the LM head and loss only at supervised positions (see forward).
+        self.supervised_logits_only = True
 
     @staticmethod
     def _new_projector(encoder: ModalEncoderModule, llm_hidden: int, kind: str, activation: str) -> MultimodalProjector:
@@ -458,7 +495,33 @@ class MultimodalModel(nn.Module):
             raise ValueError("Give input_ids, not inputs_embeds, together with modality inputs.")
         if position_ids is not None:
             lm_kwargs["position_ids"] = position_ids
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        positions = self._supervised_columns(labels, lm_kwargs.get("logits_to_keep"))
+        if positions is None:
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                                       **lm_kwargs)
+        lm_kwargs["logits_to_keep"] = positions
+        num_items = lm_kwargs.pop("num_items_in_batch", None)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
+        # out.logits: [batch, n_kept, vocab], column j predicting labels[:, positions[j] + 1]
+        loss = causal_lm_loss(out.logits, next_token_targets(labels, positions), num_items)
+        return MultimodalCausalLMOutput(loss=loss, logits=out.logits, logits_positions=positions,
+                                        cache=getattr(out, "cache", None),
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def _supervised_columns(self, labels: torch.Tensor | None, logits_to_keep: Any) -> torch.Tensor | None:
+        """Columns to compute logits for, or None for the language model's own full-logits forward.
+
+        Only in training with labels and ``supervised_logits_only``: then a ``logits_to_keep`` index tensor (the
+        collator computes it on the CPU) is used as given, and otherwise derived from CPU labels. Labels already
+        on an accelerator without it take the full path, so that ``forward`` never waits for the device.
+        """
+        if labels is None or not (self.training and self.supervised_logits_only):
+            return None
+        if torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1:
+            return logits_to_keep
+        if logits_to_keep is None and labels.device.type == "cpu":
+            return supervised_positions(labels)
+        return None
 
     def _check_lm_kwargs(self, lm_kwargs: Mapping[str, Any]) -> None:
         """Refuse keywords no encoder and no LM argument takes (a typo would otherwise be ignored silently)."""
@@ -575,6 +638,7 @@ class MultimodalModel(nn.Module):
                 "callbacks": {
                     name: import_path(fn) for name in CALLBACK_NAMES if (fn := getattr(encoder, name)) is not None
                 },
+                "feature_layer": encoder.feature_layer,
             }
         return MultimodalModelConfig(
             encoders=encoders,
@@ -641,6 +705,7 @@ def _has_items(inputs: Mapping[str, Any]) -> bool:
 def _encoder_kwargs(key: str, spec: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """ModalEncoderModule arguments for a saved encoder: the given ones, else the saved projector and callbacks."""
     kwargs = dict(given)
+    kwargs.setdefault("feature_layer", spec.get("feature_layer"))
     for name, path in spec.get("callbacks", {}).items():
         if name in kwargs:
             continue

@@ -88,6 +88,16 @@ def reference_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) 
                            ignore_index=-100)
 
 
+@torch.no_grad()
+def full_logits_forward(mllm: MultimodalModel, **batch):
+    """The same forward with logits at every position (``supervised_logits_only`` off)."""
+    mllm.supervised_logits_only = False
+    try:
+        return mllm(**batch)
+    finally:
+        mllm.supervised_logits_only = True
+
+
 def assert_grads(module: nn.Module, what: str, unused: tuple[str, ...] = ()) -> None:
     """Every trainable parameter of ``module`` (except the ``unused`` prefixes) has a nonzero gradient."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -110,9 +120,14 @@ def run_single_modality(key: str, enc_family: str, llm_family: str, n_tokens: in
     with tiny.captured_inputs_embeds(mllm.language_model) as seen:
         out = mllm(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
 
-    assert out.logits.shape == (3, 64, tiny.VOCAB)
+    # training with labels: logits only at the columns that predict a supervised token, the loss unchanged
+    full = full_logits_forward(mllm, input_ids=ids, attention_mask=mask, labels=labels, **inputs)
+    assert full.logits.shape == (3, 64, tiny.VOCAB) and getattr(full, "logits_positions", None) is None
+    assert out.logits_positions is not None and 0 < len(out.logits_positions) < 63
+    torch.testing.assert_close(out.logits, full.logits[:, out.logits_positions], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, reference_loss(out.logits.detach(), ids, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, reference_loss(full.logits, ids, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.loss, out.loss, atol=1e-5, rtol=1e-5)
 
     # merged features: the hand-computed ones at placeholders, text embeddings everywhere else
     (embeds,) = seen
@@ -186,7 +201,9 @@ def test_two_modalities_merge_into_the_right_positions():
     assert torch.equal(merged_labels[text], labels[text])
 
     assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, reference_loss(out.logits.detach(), ids, mask), atol=1e-5, rtol=1e-5)
+    full = full_logits_forward(mllm, input_ids=ids, attention_mask=mask, labels=labels, pixel_values=px,
+                               input_features=af)
+    torch.testing.assert_close(out.loss, reference_loss(full.logits, ids, mask), atol=1e-5, rtol=1e-5)
     out.loss.backward()
     for key, family in (("vision", "clip"), ("audio", "whisper")):
         assert_grads(mllm.encoders[key].projector, f"{key} projector")
@@ -207,7 +224,7 @@ def test_absent_modality_runs_without_its_inputs():
     labels = ids.masked_fill(mask == 0, -100)
 
     out = mllm(input_ids=ids, attention_mask=mask, labels=labels, input_features=af)  # no pixel_values at all
-    assert torch.isfinite(out.loss) and out.logits.shape == (3, 64, tiny.VOCAB)
+    assert torch.isfinite(out.loss) and out.logits.shape[::2] == (3, tiny.VOCAB)
     assert vision_calls == [0]
     out.loss.backward()
     assert all(p.grad is None for p in mllm.vision_encoder.parameters())
@@ -217,7 +234,7 @@ def test_absent_modality_runs_without_its_inputs():
     with torch.no_grad():
         same = mllm(input_ids=ids, attention_mask=mask, input_features=af,
                     pixel_values=torch.empty(0, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
-    assert torch.equal(same.logits, out.logits.detach())
+    assert torch.equal(same.logits[:, out.logits_positions], out.logits.detach())
     assert vision_calls == [0]
 
     # placeholders with no inputs for them are an error that names the modality
