@@ -495,6 +495,8 @@ class MultimodalModel(nn.Module):
             raise ValueError("Give input_ids, not inputs_embeds, together with modality inputs.")
         if position_ids is not None:
             lm_kwargs["position_ids"] = position_ids
+        if labels is not None:  # training: no KV cache to build (and packed rows need none to be detected)
+            lm_kwargs.setdefault("use_cache", False)
         positions = self._supervised_columns(labels, lm_kwargs.get("logits_to_keep"))
         if positions is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,

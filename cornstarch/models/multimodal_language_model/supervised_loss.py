@@ -62,3 +62,25 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, sample_of_target: torch.Tensor,
+                    n_samples: int) -> torch.Tensor:
+    """Mean cross-entropy of each sample, for batches whose rows hold several samples (packing) or one.
+
+    Args:
+        logits: ``[rows, n, vocab]``, aligned with ``targets`` ``[rows, n]`` (see :func:`next_token_targets`).
+        sample_of_target: ``[rows, n]``, the sample each target belongs to (ignored where the target is -100).
+        n_samples: number of samples.
+
+    Returns:
+        ``[n_samples]`` (NaN for a sample without supervised targets).
+    """
+    flat_targets = targets.flatten()
+    token_loss = F.cross_entropy(logits.float().flatten(0, 1), flat_targets, ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # [rows * n]
+    supervised = flat_targets != IGNORE_INDEX
+    sample = sample_of_target.flatten()[supervised]
+    totals = token_loss.new_zeros(n_samples).index_add_(0, sample, token_loss[supervised])
+    counts = torch.bincount(sample, minlength=n_samples).to(totals.dtype)
+    return totals / counts  # [n_samples]

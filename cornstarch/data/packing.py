@@ -1,0 +1,99 @@
+"""Packing: several samples in one row, each attending only to itself.
+
+A right-padded batch of samples with skewed lengths is mostly padding. ``pack_batch`` concatenates its samples, in
+order, into rows of at most ``capacity`` tokens, with ``position_ids`` restarting at 0 for every sample and no
+``attention_mask``: transformers then builds a block-diagonal causal mask from the position ids (its packed-sequence
+format), so each sample's logits and loss equal those of the sample run alone. Samples keep their order, so the
+modality tensors of the batch (images, audio, item after item) still match the placeholders.
+
+>>> batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+...          "labels": torch.tensor([[-100, 6, 7], [8, 9, -100]])}
+>>> packed, sample_of_token = pack_batch(batch, capacity=5)
+>>> packed["input_ids"].tolist(), packed["position_ids"].tolist(), sample_of_token.tolist()
+([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]], [[0, 0, 0, 1, 1]])
+>>> packed["labels"].tolist()  # token 8 starts sample 1: nothing before it in that sample predicts it
+[[-100, 6, 7, -100, 9]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def next_fit_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Row of each sample when samples are laid out in order, a new row starting when the next does not fit.
+
+    Raises:
+        ValueError: naming the sample, if one is longer than ``capacity``.
+    """
+    too_long = np.flatnonzero(lengths > capacity)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"Sample {i} has {int(lengths[i])} tokens, more than the packing capacity {capacity}.")
+    rows = np.zeros(len(lengths), dtype=np.int64)
+    row, used = 0, 0
+    for i, n in enumerate(lengths.tolist()):  # data layer, on the CPU: a few samples per batch
+        if used + n > capacity:
+            row, used = row + 1, 0
+        rows[i], used = row, used + n
+    return rows
+
+
+def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
+               pad_token_id: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+    """Pack a right-padded collated batch into rows of at most ``capacity`` tokens.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[batch, seq]`` (right padding) and any modality
+            tensors, which pass through unchanged.
+        capacity: tokens per row (default: the batch's ``seq``).
+        pad_token_id: id filling each row's tail.
+
+    Returns:
+        The packed batch (``input_ids``, ``labels``, ``position_ids`` ``[rows, capacity]``, no ``attention_mask``,
+        other entries as given), and ``sample_of_token`` ``[rows, capacity]``: the sample each token comes from
+        (-1 for padding).
+
+    Raises:
+        ValueError: if the batch is left-padded or a sample is longer than ``capacity``.
+    """
+    mask = batch["attention_mask"].bool()  # [batch, seq]
+    lengths = mask.sum(1).numpy()  # [batch]
+    if not bool((mask == (torch.arange(mask.shape[1]) < torch.as_tensor(lengths)[:, None])).all()):
+        raise ValueError("pack_batch needs right-padded samples (padding_side='right').")
+    capacity = capacity or mask.shape[1]
+    rows = next_fit_rows(lengths, capacity)  # [batch]
+    starts = np.zeros_like(lengths)  # each sample's first column in its row
+    for row in np.unique(rows):
+        members = np.flatnonzero(rows == row)
+        starts[members] = np.concatenate([[0], np.cumsum(lengths[members])[:-1]])
+    n_rows = int(rows.max()) + 1 if len(rows) else 0
+    # every real token: (sample, column in sample) → (row, start + column)
+    sample, column = mask.nonzero(as_tuple=True)  # [n_tokens] each, sample-major
+    row_of = torch.as_tensor(rows)[sample]
+    col_of = torch.as_tensor(starts)[sample] + column
+    packed = {k: v for k, v in batch.items() if k not in TEXT_KEYS}
+    packed["input_ids"] = torch.full((n_rows, capacity), pad_token_id, dtype=batch["input_ids"].dtype)
+    packed["labels"] = torch.full((n_rows, capacity), IGNORE_INDEX, dtype=batch["labels"].dtype)
+    packed["input_ids"][row_of, col_of] = batch["input_ids"][sample, column]
+    packed["labels"][row_of, col_of] = batch["labels"][sample, column]
+    first = column == 0  # a sample's first label is never predicted alone; packed, it must not be either
+    packed["labels"][row_of[first], col_of[first]] = IGNORE_INDEX
+    sample_of_token = torch.full((n_rows, capacity), -1, dtype=torch.long)
+    sample_of_token[row_of, col_of] = sample
+    # positions restart for every sample; each row's padding tail is one more "sample" starting at 0
+    position_ids = torch.arange(capacity).repeat(n_rows, 1)  # [rows, capacity]
+    used = torch.zeros(n_rows, dtype=torch.long).index_add_(0, torch.as_tensor(rows), torch.as_tensor(lengths))
+    position_ids[row_of, col_of] = column
+    tail = torch.arange(capacity) >= used[:, None]  # [rows, capacity]
+    position_ids = torch.where(tail, position_ids - used[:, None], position_ids)
+    packed["position_ids"] = position_ids
+    return packed, sample_of_token

@@ -1,0 +1,81 @@
+"""Packing: samples concatenated into rows give each sample the loss it has alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cornstarch.data.packing import pack_batch
+from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel
+from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
+from tests import tiny
+
+TOKEN = tiny.VOCAB + 1  # outside the LM vocabulary: the model must never look it up
+N = tiny.VISION_TOKENS["clip"]
+ITEMS = [1, 0, 2, 1, 0]  # images per sample, in order
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    mllm = MultimodalModel({"vision": ModalEncoderModule(tiny.vision_model("clip"))}, tiny.llm("llama"))
+    mllm.set_modality_token_ids({"vision": TOKEN})
+    return mllm.train()
+
+
+def padded_batch():
+    ids, mask = tiny.batch_with_placeholders([[(TOKEN, N)] * c for c in ITEMS], seq_len=64)
+    labels = ids.masked_fill((mask == 0) | (ids == TOKEN), -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": tiny.pixels(sum(ITEMS))}
+
+
+def alone_losses(model, batch) -> torch.Tensor:
+    """Each sample run by itself, unpadded."""
+    losses, first = [], 0
+    for i, n_items in enumerate(ITEMS):
+        n = int(batch["attention_mask"][i].sum())
+        images = batch["pixel_values"][first:first + n_items]
+        first += n_items
+        kwargs = {"pixel_values": images} if n_items else {}
+        losses.append(model(input_ids=batch["input_ids"][i:i + 1, :n], labels=batch["labels"][i:i + 1, :n],
+                            attention_mask=batch["attention_mask"][i:i + 1, :n], **kwargs).loss)
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def test_packed_rows_give_each_sample_its_loss_alone(model):
+    batch = padded_batch()
+    packed, sample_of_token = pack_batch(batch, capacity=96)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] < len(ITEMS)  # really packed
+    assert (packed["input_ids"] != 0).sum() == batch["attention_mask"].sum()  # every token kept, once
+    out = model(**packed)
+    targets = next_token_targets(packed["labels"], out.logits_positions)  # placeholders are -100 already
+    owners = next_token_targets(sample_of_token, out.logits_positions)
+    got = per_sample_loss(out.logits, targets, owners.clamp(min=0), len(ITEMS))
+    torch.testing.assert_close(got, alone_losses(model, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_keeps_order_and_restarts_positions():
+    batch = padded_batch()
+    packed, sample_of_token = pack_batch(batch, capacity=96)
+    lengths = batch["attention_mask"].sum(1)
+    owners = sample_of_token[sample_of_token >= 0]
+    assert torch.equal(owners, torch.repeat_interleave(torch.arange(len(ITEMS)), lengths))  # samples in order
+    for i in range(len(ITEMS)):
+        assert torch.equal(packed["position_ids"][sample_of_token == i], torch.arange(int(lengths[i])))
+    assert torch.equal(packed["pixel_values"], batch["pixel_values"])
+
+
+def test_sample_longer_than_capacity_is_named():
+    batch = padded_batch()
+    lengths = batch["attention_mask"].sum(1)
+    capacity = int(lengths[0])  # sample 0 fits exactly; the first longer one is named
+    first_too_long = int((lengths > capacity).nonzero()[0])
+    with pytest.raises(ValueError, match=f"Sample {first_too_long} has {int(lengths[first_too_long])} tokens"):
+        pack_batch(batch, capacity=capacity)
+
+
+def test_left_padding_is_refused():
+    ids, mask = tiny.batch_with_placeholders([[(TOKEN, N)], []], seq_len=32, pad_left=True)
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_batch({"input_ids": ids, "attention_mask": mask, "labels": ids}, capacity=64)
