@@ -1,32 +1,30 @@
 """Train-step benchmark: cornstarch ``MultimodalModel`` vs transformers ``LlavaForConditionalGeneration`` (CPU).
 
-What is measured
-----------------
-1. **cornstarch vs HF Llava.** For each model size (CLIP-style vision tower + Llama-style LM, built from configs,
-   random weights) a ``LlavaForConditionalGeneration`` and a cornstarch ``MultimodalModel`` holding *identical*
-   weights are trained on the *identical* batch (4 samples, one image each, right-padded text of ``seq`` tokens).
-   Feature selection is Llava's default (``vision_feature_layer=-2``, strategy ``"default"``: layer -2 without
-   CLS); cornstarch uses the equivalent ``request_hidden_states`` / ``penultimate_layer_without_cls`` callbacks.
-   Before timing, both losses are asserted equal within 1e-5. One step = forward + backward + ``AdamW.step()`` +
-   ``zero_grad``. Steps of the two models alternate (A B, B A, …) so that drifts in machine speed hit both
-   equally; after ``--warmup`` rounds, the median of ``--repeats`` steps per model is reported.
-   Read ``cs/HF``: the cornstarch step time over HF's; <= 1.00 means cornstarch is no slower.
+All parts use one Llava-shaped configuration (``LLAVA_SHAPED``): a CLIP-style tower (hidden 128, 4 layers, 64×64
+images in 8×8 patches: 64 patches + CLS), a Llama-style LM (hidden 256, 4 layers, vocab 32 000), batch 4, 65 image
+tokens + 48 text tokens per sample of which only the last 16 (the answer) are supervised. The two models hold
+*identical* weights and see the *identical* batch; before timing, their losses are asserted equal within 1e-5.
+A step is forward + backward + ``AdamW.step()`` (fused, transformers' default optimizer) + ``zero_grad``. Steps of
+the compared models alternate (A B, B A, …); after ``--warmup`` rounds the median of ``--repeats`` is reported.
 
-2. **cornstarch: frozen vs trainable vision encoder.** Same model twice (identical weights), once with
-   ``train(encoders_mode={"vision": (False, True)}, llm_mode=True)`` (vision tower frozen, projector and LM
-   trainable) and once fully trainable; each has an AdamW over its trainable parameters only. The configuration
-   gives the vision tower a large share of compute (bigger images, more patches; printed in the output).
-   Reported per mode: interleaved median step time, bytes saved for backward during one forward (unique
-   storages packed by ``torch.autograd.graph.saved_tensors_hooks``, which includes parameters the graph keeps;
-   the activations-only part is shown too) and bytes of gradients + AdamW state. Read ``trainable/frozen`` for
-   time (target >= 1.3: the frozen encoder runs without autograd) and ``frozen/trainable`` for memory
-   (lower is better).
+[1] all parts trainable: HF Llava (layer -2 with CLS, ``"full"``) vs cornstarch (``feature_layer=-2``: the tower
+    stops at layer -2; logits and loss only at the supervised columns). Target: HF/cs >= 1.5.
+[2] vision tower frozen in both: time (target HF/cs >= 1.7) and peak memory of a step, measured by torch's
+    memory profile (parameters, gradients, optimizer state, activations, temporaries; target cs/HF <= 0.7).
+[3] Llava's default selection (layer -2, CLS dropped), cornstarch both ways: ``feature_layer=-2`` + ``without_cls``
+    (later layers never computed) vs ``request_hidden_states`` + ``penultimate_layer_without_cls`` (every layer
+    computed, the reference page's way). Same loss; reported for the vision encoder alone (tower + projector,
+    forward and backward: target >= 1.2) and for the whole train step.
+[4] length-skewed data (answers of 4–200 tokens), cornstarch: real (non-pad) tokens per second of one pass over
+    the data with plain shuffled batches of 4, length-grouped batches of 4 (``LengthGroupedSampler``) and packed
+    rows (``first_fit_decreasing`` + ``pack_batch``: 4 rows of the longest sample's length per step). Target: >= 1.5 over plain. Each
+    sample's loss in a grouped or packed batch is checked against the sample run alone (within 1e-5).
 
-Both parts also print ``other CPU``: the share of the machine's CPUs that *other* processes used while timing
-(from ``/proc/stat``). Above 10% the timings are flagged: on a small machine a concurrent job makes the OpenMP
-threads wait for each other and can slow a step by 10x or more, unevenly between A and B.
+Every part prints ``other CPU``: the share of the machine's CPUs that *other* processes used while timing (from
+``/proc/stat``); above 10% the timings are flagged (a concurrent job makes OpenMP threads wait for each other).
 
-Run from the repository root: ``python bench/step_vs_hf_llava.py`` (``--quick`` for a smoke run of a few seconds).
+Run from the repository root: ``python bench/step_vs_hf_llava.py`` (``--quick`` for a smoke run on a smaller
+model, a few seconds; ``--parts 1 3`` for some parts).
 """
 
 from __future__ import annotations
@@ -44,18 +42,29 @@ from typing import Callable
 
 import torch
 import transformers as tf
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cornstarch.models.feature_selection import penultimate_layer_without_cls, request_hidden_states  # noqa: E402
+from cornstarch.data.packing import first_fit_decreasing, pack_batch  # noqa: E402
+from cornstarch.data.sampling import LengthGroupedSampler  # noqa: E402
+from cornstarch.models.feature_selection import (  # noqa: E402
+    penultimate_layer_without_cls,
+    request_hidden_states,
+    without_cls,
+)
 from cornstarch.models.multimodal_language_model import (  # noqa: E402
     ModalEncoderModule,
     MultimodalModel,
     MultimodalProjector,
     MultimodalProjectorConfig,
 )
+from cornstarch.models.multimodal_language_model.supervised_loss import (  # noqa: E402
+    next_token_targets,
+    per_sample_loss,
+)
 
-BATCH = 4
 PAD = 0
 LOSS_ATOL = 1e-5
 MB = 2**20
@@ -64,21 +73,22 @@ BUSY_WARNING = 0.10  # share of the CPUs used by other processes above which tim
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One model size: a CLIP vision tower (``vision_*``) and a Llama LM (``lm_*``)."""
+    """The model and batch shape: a CLIP vision tower (``vision_*``) and a Llama LM (``lm_*``)."""
 
     name: str
-    vision_hidden: int
-    vision_layers: int
-    lm_hidden: int
-    lm_layers: int
-    vocab: int
-    image_size: int = 32
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    vocab: int = 32_000
+    image_size: int = 64
     patch: int = 8
-    seq_len: int = 128
+    batch: int = 4
+    text_tokens: int = 48  # per sample: 16 before the image, 16 after it, then the answer
+    answer_tokens: int = 16  # supervised
 
     @property
-    def image_tokens(self) -> int:
-        """Features per image: one per patch (Llava's default strategy drops CLS)."""
+    def patches(self) -> int:
         return (self.image_size // self.patch) ** 2
 
     @property
@@ -86,21 +96,13 @@ class Spec:
         return self.vocab - 1  # inside the LM vocabulary, as Llava needs
 
     def describe(self) -> str:
-        return (f"vision {self.vision_layers}x{self.vision_hidden} on {self.image_size}px/{self.patch}px patches "
-                f"({self.image_tokens} tokens/image), LM {self.lm_layers}x{self.lm_hidden}, vocab {self.vocab}, "
-                f"batch {BATCH}, seq {self.seq_len}")
+        return (f"vision {self.vision_layers}x{self.vision_hidden} ({self.patches} patches + CLS), LM "
+                f"{self.lm_layers}x{self.lm_hidden}, vocab {self.vocab}, batch {self.batch}, {self.patches + 1} image "
+                f"+ {self.text_tokens} text tokens/sample, last {self.answer_tokens} supervised")
 
 
-SIZES = {
-    "tiny": Spec("tiny", vision_hidden=32, vision_layers=2, lm_hidden=64, lm_layers=2, vocab=1024),
-    "small": Spec("small", vision_hidden=128, vision_layers=4, lm_hidden=192, lm_layers=4, vocab=2048),
-    "medium": Spec("medium", vision_hidden=256, vision_layers=6, lm_hidden=384, lm_layers=7, vocab=2048, patch=4),
-}
-# Part 2: a vision-heavy model (64px images, 256 patches each) so that the tower is a large share of compute.
-FROZEN_SPEC = Spec("vision-heavy", vision_hidden=256, vision_layers=6, lm_hidden=256, lm_layers=4, vocab=2048,
-                   image_size=64, patch=4, seq_len=320)
-FROZEN_SPEC_QUICK = dataclasses.replace(FROZEN_SPEC, name="vision-heavy (quick)", vision_hidden=64, lm_hidden=64,
-                                        vision_layers=2, lm_layers=2, image_size=32, seq_len=128)
+LLAVA_SHAPED = Spec("llava-shaped")
+QUICK = Spec("quick", vision_hidden=32, vision_layers=3, lm_hidden=64, lm_layers=2, vocab=4096, image_size=32)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -108,7 +110,8 @@ def _heads(hidden: int) -> int:
     return max(2, hidden // 64)
 
 
-def llava_config(spec: Spec) -> tf.LlavaConfig:
+def build_llava(spec: Spec, strategy: str, seed: int = 0) -> tf.LlavaForConditionalGeneration:
+    """Llava with ``vision_feature_layer=-2`` and the given select strategy (``"full"`` keeps CLS)."""
     vision = tf.CLIPVisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers, num_attention_heads=_heads(spec.vision_hidden),
@@ -116,21 +119,22 @@ def llava_config(spec: Spec) -> tf.LlavaConfig:
     )
     text = tf.LlamaConfig(
         vocab_size=spec.vocab, hidden_size=spec.lm_hidden, intermediate_size=3 * spec.lm_hidden,
-        num_hidden_layers=spec.lm_layers, num_attention_heads=_heads(spec.lm_hidden),
-        max_position_embeddings=max(256, spec.seq_len), pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        num_hidden_layers=spec.lm_layers, num_attention_heads=_heads(spec.lm_hidden), max_position_embeddings=1024,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
     )
-    return tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=spec.image_token_id,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          projector_hidden_act="gelu")
-
-
-def build_llava(spec: Spec, seed: int = 0) -> tf.LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    return tf.LlavaForConditionalGeneration(llava_config(spec))
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=spec.image_token_id, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+    ))
 
 
-def cornstarch_from_llava(llava: tf.LlavaForConditionalGeneration) -> MultimodalModel:
-    """A ``MultimodalModel`` with copies of ``llava``'s weights and Llava's default feature selection."""
+def cornstarch_from_llava(llava: tf.LlavaForConditionalGeneration, truncate: bool = True) -> MultimodalModel:
+    """A ``MultimodalModel`` with copies of ``llava``'s weights and the same feature selection.
+
+    ``truncate``: select layer -2 with ``feature_layer`` (later layers dropped); else with the hidden-states
+    callbacks (every layer computed; only for the ``"default"`` strategy).
+    """
     config = llava.config
     clip = copy.deepcopy(llava.model.vision_tower)  # a CLIPVisionModel
     llama = tf.LlamaForCausalLM(config.text_config)
@@ -143,40 +147,61 @@ def cornstarch_from_llava(llava: tf.LlavaForConditionalGeneration) -> Multimodal
     ))
     projector.projection[0].load_state_dict(src.linear_1.state_dict())
     projector.projection[2].load_state_dict(src.linear_2.state_dict())
-    encoder = ModalEncoderModule(clip, projector=projector, preprocess_callback=request_hidden_states,
-                                 postprocess_module_callback=penultimate_layer_without_cls)
-    mllm = MultimodalModel({"vision": encoder}, llama)
+    drop_cls = config.vision_feature_select_strategy == "default"
+    if truncate:
+        selection = dict(feature_layer=-2, postprocess_module_callback=without_cls if drop_cls else None)
+    else:
+        assert drop_cls, "the callbacks implement the 'default' strategy"
+        selection = dict(preprocess_callback=request_hidden_states,
+                         postprocess_module_callback=penultimate_layer_without_cls)
+    mllm = MultimodalModel({"vision": ModalEncoderModule(clip, projector=projector, **selection)}, llama)
     mllm.set_modality_token_ids({"vision": config.image_token_id})
     return mllm
 
 
-def n_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def freeze_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, MultimodalModel):
+        model.train(encoders_mode={"vision": (False, True)}, llm_mode=True)
+    else:
+        model.model.vision_tower.requires_grad_(False)
+    return model
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------- data
-def make_batch(spec: Spec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One image per sample, placeholders expanded; text lengths differ per sample (right padding).
+def sample_ids(spec: Spec, answer: int, g: torch.Generator,
+               image_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample: 16 text, the image's placeholders (default: patches + CLS), 16 text, ``answer`` supervised."""
+    image_tokens = spec.patches + 1 if image_tokens is None else image_tokens
+    text = torch.randint(3, spec.image_token_id, (32 + answer,), generator=g)
+    ids = torch.cat([text[:16], torch.full((image_tokens,), spec.image_token_id), text[16:]])
+    labels = torch.full_like(ids, -100)
+    labels[-answer:] = ids[-answer:]
+    return ids, labels
 
-    Returns ``input_ids``/``attention_mask``/``labels`` ``[BATCH, seq]`` and ``pixel_values`` ``[BATCH, 3, H, W]``.
+
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Right-padded batch of ``samples`` (ids, labels) with one image each."""
+    length = max(len(ids) for ids, _ in samples)
+    batch = {"input_ids": torch.full((len(samples), length), PAD), "labels": torch.full((len(samples), length), -100),
+             "attention_mask": torch.zeros(len(samples), length, dtype=torch.long)}
+    for i, (ids, labels) in enumerate(samples):
+        batch["input_ids"][i, :len(ids)], batch["labels"][i, :len(ids)] = ids, labels
+        batch["attention_mask"][i, :len(ids)] = 1
+    return {**batch, "pixel_values": pixels}
+
+
+def make_batch(spec: Spec, seed: int = 0, image_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """``spec.batch`` samples of equal length (no padding), answers the last ``spec.answer_tokens`` tokens.
+
+    ``image_tokens``: placeholders per image (default patches + CLS; ``spec.patches`` for Llava's "default").
     """
     g = torch.Generator().manual_seed(seed)
-    ids = torch.full((BATCH, spec.seq_len), PAD)
-    n_text = spec.seq_len - spec.image_tokens - 8  # longest sample: 8 pad tokens
-    assert n_text > 8, f"seq_len {spec.seq_len} too short for {spec.image_tokens} image tokens"
-    for i in range(BATCH):
-        text = torch.randint(3, spec.image_token_id, (n_text - 2 * i,), generator=g)  # [n_text_i]
-        prefix = 4 + i
-        row = torch.cat([text[:prefix], torch.full((spec.image_tokens,), spec.image_token_id), text[prefix:]])
-        ids[i, : row.numel()] = row
-    mask = (ids != PAD).long()
-    labels = ids.masked_fill((mask == 0) | (ids == spec.image_token_id), -100)
-    pixels = torch.randn(BATCH, 3, spec.image_size, spec.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+    samples = [sample_ids(spec, spec.answer_tokens, g, image_tokens) for _ in range(spec.batch)]
+    return collate(samples, torch.randn(spec.batch, 3, spec.image_size, spec.image_size, generator=g))
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -200,11 +225,7 @@ def cpu_clock() -> tuple[float, float, float] | None:
 
 
 def foreign_cpu_share(since: tuple[float, float, float] | None) -> float:
-    """Share of all CPUs that *other* processes used since ``cpu_clock()`` returned ``since`` (NaN if unknown).
-
-    Timings taken while it is high (another job running) are not trustworthy: with 2 OpenMP threads on 2 busy
-    cores every parallel region waits for a descheduled thread.
-    """
+    """Share of all CPUs that *other* processes used since ``cpu_clock()`` returned ``since`` (NaN if unknown)."""
     now = cpu_clock()
     if since is None or now is None:
         return float("nan")
@@ -214,7 +235,7 @@ def foreign_cpu_share(since: tuple[float, float, float] | None) -> float:
 
 def interleaved_median_ms(steps: dict[str, Callable[[], None]], warmup: int,
                           repeats: int) -> tuple[dict[str, float], float]:
-    """Median ms per step of each callable, run in alternating order (ABAB… reversed every round).
+    """Median ms per call of each callable, run in alternating order (ABAB… reversed every round).
 
     Returns the medians and the share of the CPUs other processes used meanwhile (see ``foreign_cpu_share``).
     """
@@ -236,110 +257,197 @@ def loss_of(model: torch.nn.Module, batch: dict) -> float:
     return model(**batch).loss.item()
 
 
-def saved_for_backward_bytes(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
-    """Bytes of unique storages autograd saves during one forward: ``(all, excluding parameters)``."""
-    storages: dict[int, int] = {}
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss  # keeps the graph (and its saved storages) alive while counting
-    total = sum(storages.values())
-    del loss
-    return total, total - sum(n for ptr, n in storages.items() if ptr in param_ptrs)
+def assert_same_loss(models: dict[str, torch.nn.Module], batch: dict) -> float:
+    """Both models' training losses on ``batch`` agree within ``LOSS_ATOL``; returns the difference."""
+    (a, ma), (b, mb) = models.items()
+    la, lb = loss_of(ma, batch), loss_of(mb, batch)
+    assert abs(la - lb) <= LOSS_ATOL, f"loss of {a} {la} != loss of {b} {lb}"
+    return abs(la - lb)
 
 
-def grad_and_adamw_bytes(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of all ``.grad`` after one backward plus all AdamW state tensors after the step."""
-    model(**batch).loss.backward()
-    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    optimizer.step()
-    state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-    optimizer.zero_grad(set_to_none=True)
-    return grads + state
+def peak_step_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Peak bytes alive during a train step (parameters, gradients, AdamW state, activations, temporaries).
+
+    The second step (AdamW state exists by then) is recorded by ``torch.profiler`` with memory profiling; its
+    memory timeline (every tensor's creation and destruction, plus those alive before) gives the peak.
+    """
+    optimizer = adamw(model)
+    step = make_step(model, batch, optimizer)
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    alive = peak = 0
+    for _time, action, _key, size in prof._memory_profile().timeline:
+        if action in (Action.PREEXISTING, Action.CREATE):
+            alive += size
+        elif action == Action.DESTROY:
+            alive -= size
+        peak = max(peak, alive)
+    return peak
 
 
 # ----------------------------------------------------------------------------------------------- parts
-def bench_vs_hf(spec: Spec, warmup: int, repeats: int) -> dict:
-    llava = build_llava(spec).train()
+def bench_vs_hf(spec: Spec, frozen: bool, warmup: int, repeats: int) -> dict:
+    """[1]/[2]: HF Llava vs cornstarch, all trainable or with the vision tower frozen in both."""
+    llava = build_llava(spec, "full").train()
     mllm = cornstarch_from_llava(llava).train()
-    assert n_params(mllm) == n_params(llava), (n_params(mllm), n_params(llava))
+    if frozen:
+        freeze_vision_tower(llava), freeze_vision_tower(mllm)
     batch = make_batch(spec)
-    hf_loss, cs_loss = loss_of(llava, batch), loss_of(mllm, batch)
-    assert abs(hf_loss - cs_loss) <= LOSS_ATOL, f"{spec.name}: HF loss {hf_loss} != cornstarch loss {cs_loss}"
-    ms, busy = interleaved_median_ms(
-        {"hf": make_step(llava, batch, adamw(llava)), "cs": make_step(mllm, batch, adamw(mllm))}, warmup, repeats
-    )
-    return {"size": spec.name, "params": n_params(llava), "hf": ms["hf"], "cs": ms["cs"],
-            "dloss": abs(hf_loss - cs_loss), "busy": busy}
+    models = {"hf": llava, "cs": mllm}
+    dloss = assert_same_loss(models, batch)
+    ms, busy = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()}, warmup, repeats)
+    row = {"hf": ms["hf"], "cs": ms["cs"], "dloss": dloss, "busy": busy}
+    if frozen:
+        row.update({f"{n}_peak": peak_step_bytes(m, batch) for n, m in models.items()})
+    return row
 
 
-def bench_frozen(spec: Spec, warmup: int, repeats: int) -> dict[str, dict]:
-    trainable = cornstarch_from_llava(build_llava(spec))
-    frozen = copy.deepcopy(trainable)
-    trainable.train(encoders_mode={"vision": (True, True)}, llm_mode=True)
-    frozen.train(encoders_mode={"vision": (False, True)}, llm_mode=True)
-    batch = make_batch(spec)
-    models = {"trainable": trainable, "frozen": frozen}
-    optimizers = {name: adamw(m) for name, m in models.items()}
-    ms, busy = interleaved_median_ms({name: make_step(m, batch, optimizers[name]) for name, m in models.items()},
-                                     warmup, repeats)
-    results = {}
-    for name, model in models.items():
-        saved, saved_acts = saved_for_backward_bytes(model, batch)
-        results[name] = {"trainable_params": n_params(model, trainable_only=True), "ms": ms[name], "saved": saved,
-                         "saved_acts": saved_acts, "grad_state": grad_and_adamw_bytes(model, batch, optimizers[name]),
-                         "busy": busy}
-    return results
+def vision_step(model: MultimodalModel, pixels: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of the vision encoder (tower + projector) alone."""
+    def step() -> None:
+        model.vision_encoder(pixel_values=pixels).sum().backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_feature_layer(spec: Spec, warmup: int, repeats: int) -> dict:
+    """[3]: Llava's default selection, the layers after -2 dropped vs computed."""
+    llava = build_llava(spec, "default")
+    models = {"computed": cornstarch_from_llava(llava, truncate=False).train(),
+              "dropped": cornstarch_from_llava(llava, truncate=True).train()}
+    batch = make_batch(spec, image_tokens=spec.patches)
+    assert abs(loss_of(llava.train(), batch) - loss_of(models["dropped"], batch)) <= LOSS_ATOL
+    dloss = assert_same_loss(models, batch)
+    enc_ms, busy = interleaved_median_ms({n: vision_step(m, batch["pixel_values"]) for n, m in models.items()},
+                                         warmup, repeats)
+    step_ms, busy2 = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()},
+                                           warmup, repeats)
+    return {"encoder": enc_ms, "step": step_ms, "dloss": dloss, "busy": max(busy, busy2)}
+
+
+def skewed_samples(spec: Spec, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` samples whose answers are 4–200 tokens, most of them short (log-uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    answers = torch.exp(torch.empty(n).uniform_(torch.log(torch.tensor(4.0)).item(),
+                                                torch.log(torch.tensor(200.0)).item(), generator=g)).round().long()
+    return [sample_ids(spec, int(a), g) for a in answers]
+
+
+def arrangements(spec: Spec, samples: list, pixels: torch.Tensor, seed: int = 0) -> dict[str, list[dict]]:
+    """The batches of one pass over ``samples``: plain (shuffled), length-grouped, packed rows."""
+    n, b = len(samples), spec.batch
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    lengths = [len(ids) for ids, _ in samples]
+    grouped = list(LengthGroupedSampler(lengths, batch_size=b, group_size=n // b, seed=seed))
+
+    def batches(indices: list[int]) -> list[dict]:
+        return [collate([samples[i] for i in chunk], pixels[chunk])
+                for chunk in (indices[j:j + b] for j in range(0, n, b))]
+
+    capacity = max(lengths)
+    bins = first_fit_decreasing([lengths[i] for i in order], capacity)  # rows of samples, positions in `order`
+    row_order = torch.randperm(len(bins), generator=torch.Generator().manual_seed(seed)).tolist()
+    laid_out = [order[j] for k in row_order for j in bins[k]]  # samples row after row, rows shuffled
+    everything = collate([samples[i] for i in laid_out], pixels[laid_out])
+    packed, sample_of_token = pack_batch(everything, capacity=capacity)
+    packed_batches = []
+    for j in range(0, packed["input_ids"].shape[0], b):
+        rows = slice(j, j + b)
+        members = sample_of_token[rows].unique()
+        members = members[members >= 0]  # positions in `order`, ascending: the images' order in these rows
+        packed_batches.append({"input_ids": packed["input_ids"][rows], "labels": packed["labels"][rows],
+                               "position_ids": packed["position_ids"][rows],
+                               "pixel_values": everything["pixel_values"][members]})
+    return {"plain": batches(order), "grouped": batches(grouped), "packed": packed_batches}
+
+
+def check_per_sample_losses(model: MultimodalModel, samples: list, pixels: torch.Tensor) -> float:
+    """Max |loss in a packed row - loss alone| over the first samples (packing is exact per sample)."""
+    first = samples[:6]
+    alone = torch.stack([loss_of_sample(model, s, pixels[i:i + 1]) for i, s in enumerate(first)])
+    packed, sample_of_token = pack_batch(collate(first, pixels[:6]), capacity=sum(len(ids) for ids, _ in first))
+    with torch.no_grad():
+        out = model(**packed)
+    together = per_sample_loss(out.logits, next_token_targets(packed["labels"], out.logits_positions),
+                               next_token_targets(sample_of_token, out.logits_positions).clamp(min=0), len(first))
+    return float((together - alone).abs().max())
+
+
+@torch.no_grad()
+def loss_of_sample(model: MultimodalModel, sample: tuple, pixels: torch.Tensor) -> torch.Tensor:
+    ids, labels = sample
+    return model(input_ids=ids[None], labels=labels[None], attention_mask=torch.ones_like(ids)[None],
+                 pixel_values=pixels).loss
+
+
+def bench_packing(spec: Spec, n_samples: int, warmup: int, repeats: int) -> dict:
+    """[4]: real tokens per second of one pass over length-skewed data, per arrangement of the batches."""
+    model = cornstarch_from_llava(build_llava(spec, "full")).train()
+    samples = skewed_samples(spec, n_samples)
+    pixels = torch.randn(n_samples, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))
+    tokens = sum(len(ids) for ids, _ in samples)
+    plans = arrangements(spec, samples, pixels)
+    optimizer = adamw(model)
+
+    def one_pass(batches: list[dict]) -> Callable[[], None]:
+        def run() -> None:
+            for batch in batches:
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    ms, busy = interleaved_median_ms({name: one_pass(b) for name, b in plans.items()}, warmup, repeats)
+    slots = {name: sum(b["input_ids"].numel() for b in batches) for name, batches in plans.items()}
+    return {"tokens": tokens, "ms": ms, "slots": slots, "steps": {k: len(v) for k, v in plans.items()},
+            "per_sample_dloss": check_per_sample_losses(model, samples, pixels), "busy": busy}
 
 
 # ----------------------------------------------------------------------------------------------- output
-def warn_if_busy(busy: float) -> None:
-    if busy > BUSY_WARNING:
-        print(f"WARNING: other processes used {busy:.0%} of the CPUs while timing; rerun on an idle machine.")
+def flag(busy: float) -> str:
+    return f"other CPU {busy:.0%}" + ("  WARNING: machine busy, rerun on an idle machine" if busy > BUSY_WARNING
+                                       else "")
 
 
-def print_vs_hf(rows: list[dict]) -> None:
-    print(f"{'size':<8}{'params':>12}{'HF ms/step':>12}{'cs ms/step':>12}{'cs/HF':>8}{'|dloss|':>10}{'other CPU':>11}")
-    for r in rows:
-        print(f"{r['size']:<8}{r['params']:>12,}{r['hf']:>12.1f}{r['cs']:>12.1f}{r['cs'] / r['hf']:>8.3f}"
-              f"{r['dloss']:>10.1e}{r['busy']:>11.0%}")
-    warn_if_busy(max(r["busy"] for r in rows))
+def print_vs_hf(title: str, row: dict, target: float) -> None:
+    print(f"{title}: HF {row['hf']:.1f} ms/step, cornstarch {row['cs']:.1f} ms/step -> HF/cs "
+          f"{row['hf'] / row['cs']:.2f}x (target >= {target}); |dloss| {row['dloss']:.1e}; {flag(row['busy'])}")
+    if "hf_peak" in row:
+        print(f"    peak memory of a step: HF {row['hf_peak'] / MB:.1f} MB, cornstarch {row['cs_peak'] / MB:.1f} MB -> "
+              f"cs/HF {row['cs_peak'] / row['hf_peak']:.2f} (target <= 0.7)")
 
 
-def print_frozen(spec: Spec, results: dict[str, dict]) -> None:
-    print(f"config: {spec.describe()}")
-    print(f"{'vision':<10}{'trainable':>12}{'ms/step':>10}{'saved MB':>10}{'(acts MB)':>11}{'grad+AdamW MB':>15}")
-    for name, r in results.items():
-        print(f"{name:<10}{r['trainable_params']:>12,}{r['ms']:>10.1f}{r['saved'] / MB:>10.1f}"
-              f"{r['saved_acts'] / MB:>11.1f}{r['grad_state'] / MB:>15.1f}")
-    t, f = results["trainable"], results["frozen"]
-    print(f"step time trainable/frozen: {t['ms'] / f['ms']:.2f}x (target >= 1.3); other processes used "
-          f"{t['busy']:.0%} of the CPUs meanwhile")
-    warn_if_busy(t["busy"])
-    print(f"saved-for-backward frozen/trainable: {f['saved'] / t['saved']:.2f} "
-          f"(activations only: {f['saved_acts'] / t['saved_acts']:.2f}); "
-          f"grad+AdamW frozen/trainable: {f['grad_state'] / t['grad_state']:.2f}")
+def print_feature_layer(r: dict) -> None:
+    e, s = r["encoder"], r["step"]
+    print(f"    vision encoder fwd+bwd: all layers {e['computed']:.1f} ms, stop at -2 {e['dropped']:.1f} ms -> "
+          f"{e['computed'] / e['dropped']:.2f}x (target >= 1.2)")
+    print(f"    whole train step:       all layers {s['computed']:.1f} ms, stop at -2 {s['dropped']:.1f} ms -> "
+          f"{s['computed'] / s['dropped']:.2f}x; |dloss| {r['dloss']:.1e}; {flag(r['busy'])}")
+
+
+def print_packing(r: dict) -> None:
+    print(f"    {r['tokens']} real tokens in {sum(1 for _ in r['ms'])} arrangements:")
+    for name, ms in r["ms"].items():
+        rate = r["tokens"] / (ms / 1e3)
+        print(f"    {name:<8} {r['steps'][name]:>3} steps, real-token fraction {r['tokens'] / r['slots'][name]:.2f}, "
+              f"{rate:>8.0f} tokens/s, {r['ms']['plain'] / ms:.2f}x plain")
+    print(f"    per-sample loss packed vs alone: max |d| {r['per_sample_dloss']:.1e} (within 1e-5: "
+          f"{r['per_sample_dloss'] <= 1e-5}); {flag(r['busy'])}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="model sizes of part 1 (default: all; "
-                        "quick: tiny)")
-    parser.add_argument("--repeats", type=int, help="timed steps per model (default 30; quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 5; quick 1)")
+    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 20; quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3; quick 1)")
+    parser.add_argument("--samples", type=int, default=32, help="samples of the skewed set in part 4")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny size, small part-2 model, few steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: smaller model, few steps")
     args = parser.parse_args(argv)
-    defaults = {"sizes": ["tiny"], "repeats": 3, "warmup": 1} if args.quick else \
-        {"sizes": list(SIZES), "repeats": 30, "warmup": 5}
-    for name, value in defaults.items():
+    for name, (full, quick) in {"repeats": (20, 3), "warmup": (3, 1)}.items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, quick if args.quick else full)
     return args
 
 
@@ -347,21 +455,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tf.logging.set_verbosity_error()
+    spec = QUICK if args.quick else LLAVA_SHAPED
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, "
-          f"warmup {args.warmup}, repeats {args.repeats}")
-
-    print("\n[1] train step (fwd+bwd+AdamW), cornstarch MultimodalModel vs HF LlavaForConditionalGeneration")
-    rows = []
-    for name in args.sizes:
-        rows.append(bench_vs_hf(SIZES[name], args.warmup, args.repeats))
-        print(f"  {name}: {SIZES[name].describe()}; losses agree")
-    print_vs_hf(rows)
-
-    print("\n[2] cornstarch, vision encoder frozen vs trainable")
-    spec = FROZEN_SPEC_QUICK if args.quick else FROZEN_SPEC
-    print_frozen(spec, bench_frozen(spec, args.warmup, args.repeats))
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    print(f"torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, warmup {args.warmup}, "
+          f"repeats {args.repeats}\nconfig: {spec.describe()}")
+    if 1 in args.parts:
+        print_vs_hf("[1] all trainable", bench_vs_hf(spec, False, args.warmup, args.repeats), 1.5)
+    if 2 in args.parts:
+        print_vs_hf("[2] vision tower frozen", bench_vs_hf(spec, True, args.warmup, args.repeats), 1.7)
+    if 3 in args.parts:
+        print("[3] Llava default selection (layer -2, CLS dropped): later layers dropped vs computed")
+        print_feature_layer(bench_feature_layer(spec, args.warmup, args.repeats))
+    if 4 in args.parts:
+        print(f"[4] length-skewed data ({args.samples} samples, answers 4-200 tokens): tokens/s per arrangement")
+        print_packing(bench_packing(spec, args.samples, max(1, args.warmup // 2), max(3, args.repeats // 4)))
+    print(f"total {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def test_vit_llama_example(tmp_path):
     mllm.set_modality_token_ids({"vision": IMAGE_TOKEN})
     ids, mask, labels, px = image_batch(tiny.VISION_TOKENS["vit"])
     out = mllm(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=px)
-    # training with labels: logits at the supervised columns only
-    assert out.logits.shape == (3, len(out.logits_positions), tiny.VOCAB) and torch.isfinite(out.loss)
+    # training with labels: logits only where the next token is supervised
+    assert out.logits.shape == (1, len(out.logits_positions), tiny.VOCAB) and torch.isfinite(out.loss)
     out.loss.backward()
     assert mllm.vision_encoder.projector.projection.weight.grad.any()
     assert vision_encoder.embeddings.patch_embeddings.projection.weight.grad.any()
@@ -387,8 +387,8 @@ def check_llava_next_model(mllm, n_features: int, drop_cls: bool = False, penult
         else:
             out = mllm(input_ids=ids, attention_mask=mask, labels=labels,
                        encoder_inputs={"vision": {"pixel_values": px, **encoder_inputs}})
-    # training with labels: logits at the supervised columns only
-    assert out.logits.shape == (3, len(out.logits_positions), tiny.VOCAB) and torch.isfinite(out.loss)
+    # training with labels: logits only where the next token is supervised
+    assert out.logits.shape == (1, len(out.logits_positions), tiny.VOCAB) and torch.isfinite(out.loss)
 
     ((seen_type, returned),) = CALLBACK_LOG
     if output_type is not None:

@@ -17,7 +17,7 @@ modality tensors of the batch (images, audio, item after item) still match the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,32 @@ def next_fit_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
             row, used = row + 1, 0
         rows[i], used = row, used + n
     return rows
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of sample indices, each summing to at most ``capacity`` tokens, longest samples placed first.
+
+    Laying the samples out bin after bin and packing them with :func:`pack_batch` reproduces these rows.
+
+    >>> first_fit_decreasing([5, 2, 4, 3, 1], capacity=6)
+    [[0, 4], [2, 1], [3]]
+
+    Raises:
+        ValueError: naming the sample, if one is longer than ``capacity``.
+    """
+    lengths = np.asarray(lengths)
+    next_fit_rows(lengths, capacity)  # raises for a sample that cannot fit anywhere
+    bins: list[list[int]] = []
+    free = np.empty(0, dtype=np.int64)  # room left in each bin
+    for i in np.argsort(-lengths, kind="stable").tolist():  # data layer, on the CPU
+        fits = np.flatnonzero(free >= lengths[i])
+        if fits.size:
+            bins[fits[0]].append(i)
+            free[fits[0]] -= lengths[i]
+        else:
+            bins.append([i])
+            free = np.append(free, capacity - lengths[i])
+    return bins
 
 
 def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,

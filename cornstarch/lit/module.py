@@ -191,7 +191,7 @@ class MultimodalLitModule(L.LightningModule):
 
     def _teacher_forced(self, split: str, inputs: dict[str, Any]) -> torch.Tensor:
         out = self.model(**inputs)
-        positions = getattr(out, "logits_positions", None)  # set when only supervised columns have logits
+        positions = getattr(out, "logits_positions", None)  # set when logits exist only where supervised
         targets = next_token_targets(inputs["labels"], positions)  # [batch, n_columns]
         logits = out.logits if positions is not None else out.logits[:, :-1]  # [batch, n_columns, vocab]
         supervised = targets != IGNORE_INDEX

@@ -30,7 +30,8 @@ from .configuration_multimodal_language_model import (
 )
 from .import_paths import UNSERIALIZABLE, import_path, resolve
 from .merging import merge_embeddings, modality_masks
-from .supervised_loss import causal_lm_loss, next_token_targets, supervised_positions
+from .supervised_loss import HiddenStatesAt, causal_lm_loss, next_token_targets
+from .supervised_loss import supervised_positions as supervised_positions_of
 
 WEIGHTS_NAME = "model.safetensors"
 try:  # keyword arguments every transformers model forward accepts through **kwargs
@@ -292,10 +293,10 @@ def _build_part(spec: dict[str, Any], what: str) -> nn.Module:
 
 @dataclass
 class MultimodalCausalLMOutput(CausalLMOutputWithPast):
-    """A causal-LM output whose ``logits`` may cover only some columns.
+    """A causal-LM output whose ``logits`` may cover only some positions.
 
-    ``logits_positions``: ``[n_kept]`` column indices when ``logits`` is ``[batch, n_kept, vocab]`` (training with
-    labels: only supervised positions); None when ``logits`` covers every position.
+    ``logits_positions``: ``[n]`` flat positions (``row * seq + column``) when ``logits`` is ``[1, n, vocab]``
+    (training with labels: only where the next token is supervised); None when ``logits`` covers every position.
     """
 
     logits_positions: torch.LongTensor | None = None
@@ -468,6 +469,7 @@ class MultimodalModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        supervised_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Encode every modality present, merge into the text embeddings and run the language model.
@@ -479,11 +481,17 @@ class MultimodalModel(nn.Module):
             position_ids: passed to the LM.
             inputs_embeds: precomputed embeddings (then no modality input may be given).
             encoder_inputs: explicit per-encoder inputs, e.g. ``{"vision": {"pixel_values": ...}}``.
+            supervised_positions: flat positions whose next token is supervised (``supervised_loss.
+                supervised_positions(labels)``, computed by the data layer on the CPU); derived from CPU labels
+                when not given.
             **kwargs: modality inputs (``pixel_values``, ``input_features``, …) routed to the encoder that takes
                 them; anything else goes to the language model.
 
         Returns:
-            The language model's output (``loss``, ``logits``, …).
+            The language model's output (``loss``, ``logits`` ``[batch, seq, vocab]``, …). In training with labels
+            (and ``supervised_logits_only``, the default) the LM head and loss run only where a token is
+            supervised: a :class:`MultimodalCausalLMOutput` with ``logits`` ``[1, n_supervised, vocab]`` at the
+            flat positions ``logits_positions``; the loss is the same.
         """
         routed, lm_kwargs = self.route_inputs(kwargs, encoder_inputs)
         self._check_lm_kwargs(lm_kwargs)
@@ -497,33 +505,31 @@ class MultimodalModel(nn.Module):
             lm_kwargs["position_ids"] = position_ids
         if labels is not None:  # training: no KV cache to build (and packed rows need none to be detected)
             lm_kwargs.setdefault("use_cache", False)
-        positions = self._supervised_columns(labels, lm_kwargs.get("logits_to_keep"))
+        positions = self._supervised_positions(labels, supervised_positions)
         if positions is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                                        **lm_kwargs)
-        lm_kwargs["logits_to_keep"] = positions
         num_items = lm_kwargs.pop("num_items_in_batch", None)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
-        # out.logits: [batch, n_kept, vocab], column j predicting labels[:, positions[j] + 1]
+        with HiddenStatesAt(self.language_model.get_decoder(), positions):
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
+        # out.logits: [1, n_supervised, vocab], logits[0, j] predicting the token after flat position positions[j]
         loss = causal_lm_loss(out.logits, next_token_targets(labels, positions), num_items)
         return MultimodalCausalLMOutput(loss=loss, logits=out.logits, logits_positions=positions,
-                                        cache=getattr(out, "cache", None),
-                                        hidden_states=out.hidden_states, attentions=out.attentions)
+                                        cache=getattr(out, "cache", None), hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
 
-    def _supervised_columns(self, labels: torch.Tensor | None, logits_to_keep: Any) -> torch.Tensor | None:
-        """Columns to compute logits for, or None for the language model's own full-logits forward.
+    def _supervised_positions(self, labels: torch.Tensor | None, given: torch.Tensor | None) -> torch.Tensor | None:
+        """Flat positions to compute logits at, or None for the language model's own full-logits forward.
 
-        Only in training with labels and ``supervised_logits_only``: then a ``logits_to_keep`` index tensor (the
-        collator computes it on the CPU) is used as given, and otherwise derived from CPU labels. Labels already
-        on an accelerator without it take the full path, so that ``forward`` never waits for the device.
+        Only in training with labels and ``supervised_logits_only``: then the ``supervised_positions`` the data
+        layer computed on the CPU, or else positions derived from CPU labels. Labels already on an accelerator
+        without them take the full path, so that ``forward`` never waits for the device.
         """
         if labels is None or not (self.training and self.supervised_logits_only):
             return None
-        if torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1:
-            return logits_to_keep
-        if logits_to_keep is None and labels.device.type == "cpu":
-            return supervised_positions(labels)
-        return None
+        if given is not None:
+            return given
+        return supervised_positions_of(labels) if labels.device.type == "cpu" else None
 
     def _check_lm_kwargs(self, lm_kwargs: Mapping[str, Any]) -> None:
         """Refuse keywords no encoder and no LM argument takes (a typo would otherwise be ignored silently)."""
@@ -546,6 +552,7 @@ class MultimodalModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        supervised_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Generate with the same modality inputs as :meth:`forward`; returns prompt + new tokens like HF.

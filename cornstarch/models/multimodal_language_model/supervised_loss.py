@@ -2,46 +2,88 @@
 
 A causal LM predicts token ``t + 1`` from position ``t``. In a multimodal batch most positions are prompt, modality
 or padding tokens whose labels are -100, yet a plain forward computes ``[batch, seq, vocab]`` logits for all of
-them, and their backward. Here the language model is asked (through transformers' ``logits_to_keep``, which every
-``*ForCausalLM`` takes and which keeps each family's own head, soft-capping or scaling) for the logits of the
-columns that supervise something in at least one row; the loss is the same mean cross-entropy over the same
-targets as transformers' ``ForCausalLMLoss``.
+them, and their backward. Here the decoder's last hidden states are gathered at the supervised positions before
+the language model applies its own head (so each family's soft-capping or scaling still applies), giving logits
+``[1, n_supervised, vocab]``; the loss is the same mean cross-entropy over the same targets as transformers'
+``ForCausalLMLoss``.
 
 >>> labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 7]])
->>> supervised_positions(labels)   # column 1 predicts 5, column 2 predicts 6 and 7
-tensor([1, 2])
+>>> supervised_positions(labels)   # flat positions (row * seq + column) whose next token is supervised
+tensor([1, 2, 6])
+>>> next_token_targets(labels, supervised_positions(labels))
+tensor([[5, 6, 7]])
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .placeholders import IGNORE_INDEX
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Columns ``t`` whose next label ``labels[:, t + 1]`` is supervised in any row.
+    """Flat positions ``row * seq + t`` whose next label ``labels[row, t + 1]`` is supervised.
 
     Args:
         labels: ``[batch, seq]`` with -100 where nothing is supervised.
 
     Returns:
-        ``[n_kept]`` sorted column indices (int64), on ``labels``' device. Computing it waits for the device, so
-        the data layer computes it on the CPU for accelerator training (see ``MultimodalCollator``).
+        ``[n_supervised]`` sorted int64 indices into the ``[batch * seq]`` flattened positions, on ``labels``'
+        device. Computing it waits for the device, so for accelerator training the data layer computes it on the
+        CPU and passes it as ``supervised_positions``.
     """
-    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [n_kept]
+    return (_shifted(labels) != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # [n_supervised]
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]``: at ``t`` the label of ``t + 1`` (-100 in the last column)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def next_token_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """The label each kept logit column predicts: ``labels[:, positions + 1]`` (all of ``labels[:, 1:]`` if None).
+    """The label each logit predicts, aligned with the logits.
 
     Returns:
-        ``[batch, n_kept]`` (or ``[batch, seq - 1]``), aligned with ``logits[:, :n_kept]``.
+        ``[1, n]`` targets of the logits at flat ``positions`` (see :func:`supervised_positions`); with
+        ``positions=None`` (full logits ``[batch, seq, vocab]``), ``labels[:, 1:]`` for ``logits[:, :-1]``.
     """
     if positions is None:
         return labels[:, 1:]
-    return labels.index_select(1, positions + 1)  # [batch, n_kept]
+    return _shifted(labels).flatten().index_select(0, positions)[None]  # [1, n]
+
+
+class HiddenStatesAt:
+    """Context manager: the language model's decoder returns its last hidden states only at ``positions``.
+
+    The ``*ForCausalLM`` then applies its head (and any soft-capping) to ``[1, n, hidden]`` instead of
+    ``[batch, seq, hidden]``.
+
+    Args:
+        decoder: the LM's decoder (``language_model.get_decoder()``).
+        positions: ``[n]`` flat positions into ``[batch * seq]``.
+    """
+
+    def __init__(self, decoder: nn.Module, positions: torch.Tensor):
+        self.decoder, self.positions = decoder, positions
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0]  # [batch, seq, hidden]
+        selected = hidden.flatten(0, 1).index_select(0, self.positions)[None]  # [1, n, hidden]
+        if isinstance(output, tuple):
+            return (selected, *output[1:])
+        output["last_hidden_state"] = selected
+        return output
+
+    def __enter__(self) -> "HiddenStatesAt":
+        self._handle = self.decoder.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -49,8 +91,8 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
     """Cross-entropy of ``logits`` against aligned ``targets`` (-100 ignored), computed in float32.
 
     Args:
-        logits: ``[batch, n, vocab]``, column ``j`` predicting ``targets[:, j]``.
-        targets: ``[batch, n]``.
+        logits: ``[rows, n, vocab]``, ``logits[r, j]`` predicting ``targets[r, j]``.
+        targets: ``[rows, n]``.
         num_items_in_batch: divide the summed loss by this (gradient accumulation, as in transformers);
             default: the mean over supervised targets.
     """
@@ -84,3 +126,8 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, sample_of_targe
     totals = token_loss.new_zeros(n_samples).index_add_(0, sample, token_loss[supervised])
     counts = torch.bincount(sample, minlength=n_samples).to(totals.dtype)
     return totals / counts  # [n_samples]
+
+
+def at_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Full logits ``[batch, seq, vocab]`` → ``[1, n, vocab]`` at flat ``positions`` (as the training forward gives)."""
+    return logits.flatten(0, 1).index_select(0, positions)[None]

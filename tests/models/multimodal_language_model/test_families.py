@@ -20,6 +20,7 @@ from cornstarch.models.multimodal_language_model import (
     MultimodalProjector,
     MultimodalProjectorConfig,
 )
+from cornstarch.models.multimodal_language_model.supervised_loss import at_positions
 from tests import tiny
 
 VISION_TOKEN = tiny.VOCAB + 5  # out of the LM vocabulary: an embedding lookup or a label of it would crash
@@ -123,8 +124,8 @@ def run_single_modality(key: str, enc_family: str, llm_family: str, n_tokens: in
     # training with labels: logits only at the columns that predict a supervised token, the loss unchanged
     full = full_logits_forward(mllm, input_ids=ids, attention_mask=mask, labels=labels, **inputs)
     assert full.logits.shape == (3, 64, tiny.VOCAB) and getattr(full, "logits_positions", None) is None
-    assert out.logits_positions is not None and 0 < len(out.logits_positions) < 63
-    torch.testing.assert_close(out.logits, full.logits[:, out.logits_positions], atol=1e-5, rtol=1e-5)
+    assert out.logits_positions is not None and 0 < len(out.logits_positions) < 3 * 63
+    torch.testing.assert_close(out.logits, at_positions(full.logits, out.logits_positions), atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, reference_loss(full.logits, ids, mask), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full.loss, out.loss, atol=1e-5, rtol=1e-5)
@@ -224,7 +225,7 @@ def test_absent_modality_runs_without_its_inputs():
     labels = ids.masked_fill(mask == 0, -100)
 
     out = mllm(input_ids=ids, attention_mask=mask, labels=labels, input_features=af)  # no pixel_values at all
-    assert torch.isfinite(out.loss) and out.logits.shape[::2] == (3, tiny.VOCAB)
+    assert torch.isfinite(out.loss) and out.logits.shape[::2] == (1, tiny.VOCAB)
     assert vision_calls == [0]
     out.loss.backward()
     assert all(p.grad is None for p in mllm.vision_encoder.parameters())
@@ -234,7 +235,7 @@ def test_absent_modality_runs_without_its_inputs():
     with torch.no_grad():
         same = mllm(input_ids=ids, attention_mask=mask, input_features=af,
                     pixel_values=torch.empty(0, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE))
-    assert torch.equal(same.logits[:, out.logits_positions], out.logits.detach())
+    assert torch.equal(at_positions(same.logits, out.logits_positions), out.logits.detach())
     assert vision_calls == [0]
 
     # placeholders with no inputs for them are an error that names the modality
