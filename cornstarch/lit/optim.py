@@ -22,6 +22,8 @@ class OptimizerConfig:
         warmup_steps: linear warmup from 0.
         schedule: ``"cosine"`` (to ``min_lr_ratio × lr`` at the last step) or ``"constant"``.
         min_lr_ratio: floor of the cosine decay.
+        fused: torch's fused AdamW kernel (one kernel for all parameters; CPU and CUDA; transformers' default
+            optimizer): the same update, fewer passes over memory.
     """
 
     lr: float = 1e-3
@@ -32,6 +34,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    fused: bool = True
 
     def validate(self, names: Sequence[str]) -> None:
         """Raise ``ValueError`` for a learning-rate group naming an unknown component, or an unknown schedule."""
@@ -54,7 +57,7 @@ class OptimizerConfig:
         return [g for g in groups if g["params"]]
 
     def build(self, groups: list[dict]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps, fused=self.fused or None)
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
