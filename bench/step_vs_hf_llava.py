@@ -10,7 +10,10 @@ the compared models alternate (A B, B A, …); after ``--warmup`` rounds the med
 [1] all parts trainable: HF Llava (layer -2 with CLS, ``"full"``) vs cornstarch (``feature_layer=-2``: the tower
     stops at layer -2; logits and loss only at the supervised columns). Target: HF/cs >= 1.5.
 [2] vision tower frozen in both: time (target HF/cs >= 1.7) and peak memory of a step, measured by torch's
-    memory profile (parameters, gradients, optimizer state, activations, temporaries; target cs/HF <= 0.7).
+    memory profile (parameters, gradients, optimizer state, activations, temporaries; target cs/HF <= 0.7);
+    also cornstarch with its memory options: activation checkpointing of the LM and tower layers
+    (``gradient_checkpointing``) and ``optimizer.in_backward`` (each parameter stepped during backward, its
+    gradient freed at once).
 [3] Llava's default selection (layer -2, CLS dropped), cornstarch both ways: ``feature_layer=-2`` + ``without_cls``
     (later layers never computed) vs ``request_hidden_states`` + ``penultimate_layer_without_cls`` (every layer
     computed, the reference page's way). Same loss; reported for the vision encoder alone (tower + projector,
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cornstarch.data.packing import first_fit_decreasing, pack_batch  # noqa: E402
 from cornstarch.data.sampling import LengthGroupedSampler  # noqa: E402
+from cornstarch.lit.step_in_backward import StepInBackward  # noqa: E402
 from cornstarch.models.feature_selection import (  # noqa: E402
     penultimate_layer_without_cls,
     request_hidden_states,
@@ -265,14 +269,24 @@ def assert_same_loss(models: dict[str, torch.nn.Module], batch: dict) -> float:
     return abs(la - lb)
 
 
-def peak_step_bytes(model: torch.nn.Module, batch: dict) -> int:
+def make_step_in_backward(model: torch.nn.Module, batch: dict,
+                          optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A train step whose AdamW updates happen during backward (``OptimizerConfig(in_backward=True)``)."""
+    StepInBackward(optimizer).attach()
+
+    def step() -> None:
+        model(**batch).loss.backward()  # each parameter stepped, its gradient freed, as backward reaches it
+    return step
+
+
+def peak_step_bytes(model: torch.nn.Module, batch: dict, in_backward: bool = False) -> int:
     """Peak bytes alive during a train step (parameters, gradients, AdamW state, activations, temporaries).
 
     The second step (AdamW state exists by then) is recorded by ``torch.profiler`` with memory profiling; its
     memory timeline (every tensor's creation and destruction, plus those alive before) gives the peak.
     """
     optimizer = adamw(model)
-    step = make_step(model, batch, optimizer)
+    step = (make_step_in_backward if in_backward else make_step)(model, batch, optimizer)
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
@@ -296,11 +310,25 @@ def bench_vs_hf(spec: Spec, frozen: bool, warmup: int, repeats: int) -> dict:
     batch = make_batch(spec)
     models = {"hf": llava, "cs": mllm}
     dloss = assert_same_loss(models, batch)
-    ms, busy = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()}, warmup, repeats)
-    row = {"hf": ms["hf"], "cs": ms["cs"], "dloss": dloss, "busy": busy}
+    variants = {n: (m, False) for n, m in models.items()}
+    if frozen:  # cornstarch's memory options too: activation checkpointing, the AdamW step inside backward
+        for name, checkpointing, in_backward in CS_MEMORY_OPTIONS:
+            variant = copy.deepcopy(mllm)
+            if checkpointing:
+                variant.gradient_checkpointing_enable()
+            variants[name] = (variant, in_backward)
+    ms, busy = interleaved_median_ms(
+        {n: (make_step_in_backward if ib else make_step)(m, batch, adamw(m)) for n, (m, ib) in variants.items()},
+        warmup, repeats)
+    row = {"ms": ms, "dloss": dloss, "busy": busy}
     if frozen:
-        row.update({f"{n}_peak": peak_step_bytes(m, batch) for n, m in models.items()})
+        row["peak"] = {n: peak_step_bytes(copy.deepcopy(m), batch, in_backward=ib) for n, (m, ib) in variants.items()}
     return row
+
+
+# (name, activation checkpointing, optimizer.in_backward)
+CS_MEMORY_OPTIONS = [("cs + in_backward", False, True), ("cs + checkpointing", True, False),
+                     ("cs + checkpointing + in_backward", True, True)]
 
 
 def vision_step(model: MultimodalModel, pixels: torch.Tensor) -> Callable[[], None]:
@@ -411,11 +439,17 @@ def flag(busy: float) -> str:
 
 
 def print_vs_hf(title: str, row: dict, target: float) -> None:
-    print(f"{title}: HF {row['hf']:.1f} ms/step, cornstarch {row['cs']:.1f} ms/step -> HF/cs "
-          f"{row['hf'] / row['cs']:.2f}x (target >= {target}); |dloss| {row['dloss']:.1e}; {flag(row['busy'])}")
-    if "hf_peak" in row:
-        print(f"    peak memory of a step: HF {row['hf_peak'] / MB:.1f} MB, cornstarch {row['cs_peak'] / MB:.1f} MB -> "
-              f"cs/HF {row['cs_peak'] / row['hf_peak']:.2f} (target <= 0.7)")
+    ms = row["ms"]
+    print(f"{title}: |dloss| {row['dloss']:.1e}; {flag(row['busy'])}")
+    peak = row.get("peak")
+    header = f"    {'':<34}{'ms/step':>9}{'HF/cs':>8}" + (f"{'peak MB':>9}{'cs/HF':>7}" if peak else "")
+    print(header)
+    for name, value in ms.items():
+        line = f"    {name:<34}{value:>9.1f}{ms['hf'] / value:>8.2f}"
+        if peak:
+            line += f"{peak[name] / MB:>9.1f}{peak[name] / peak['hf']:>7.2f}"
+        print(line)
+    print(f"    target: HF/cs >= {target}" + ("; peak cs/HF <= 0.7" if peak else ""))
 
 
 def print_feature_layer(r: dict) -> None:

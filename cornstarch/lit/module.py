@@ -15,6 +15,7 @@ from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from ..models.multimodal_language_model.supervised_loss import next_token_targets
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
+from .step_in_backward import StepInBackward
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
@@ -100,6 +101,7 @@ class MultimodalLitModule(L.LightningModule):
         self.schedule = FreezeSchedule(freeze_schedule, names)
         self.generation = generation or GenerationSpec()
         self.stage_index = 0
+        self._step_in_backward: StepInBackward | None = None
         self._apply_stage(0)
         self.metrics = torch.nn.ModuleDict({
             f"{split}_{name}": MeanMetric() for split in ("train", "val", "test") for name in ("loss", "acc")
@@ -141,6 +143,8 @@ class MultimodalLitModule(L.LightningModule):
             if name not in have:
                 for group in self.optimizer_config.param_groups(name, parts[name]):
                     optimizer.add_param_group(group)
+                if self._step_in_backward is not None:
+                    self._step_in_backward.attach()
                 log.info("Optimizer: added %s (lr %g)", name, self.optimizer_config.lr_groups.get(name, self.optimizer_config.lr))
 
     def _sync_stage(self) -> None:
@@ -160,6 +164,23 @@ class MultimodalLitModule(L.LightningModule):
         self._sync_stage()
         self.log("train/stage", float(self.stage_index), on_step=True, on_epoch=False)
 
+    def _check_in_backward(self) -> None:
+        """optimizer.in_backward needs each gradient final when it is produced: refuse what needs them all."""
+        trainer = self.trainer
+        problems = [what for what, bad in (
+            (f"gradient_clip_val={trainer.gradient_clip_val}", bool(trainer.gradient_clip_val)),
+            (f"accumulate_grad_batches={trainer.accumulate_grad_batches}", trainer.accumulate_grad_batches != 1),
+            (f"{trainer.world_size} processes", trainer.world_size != 1),
+        ) if bad]
+        if problems:
+            raise ValueError(f"optimizer.in_backward steps each parameter during backward, which cannot go with "
+                             f"{', '.join(problems)}; turn those off or set optimizer.in_backward: false.")
+
+    def on_fit_end(self) -> None:
+        if self._step_in_backward is not None:
+            self._step_in_backward.detach()
+            self._step_in_backward = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cornstarch_stage"] = self.stage_index
 
@@ -175,6 +196,9 @@ class MultimodalLitModule(L.LightningModule):
                   for g in self.optimizer_config.param_groups(name, parts[name])]
         optimizer = self.optimizer_config.build(groups)
         cfg = self.optimizer_config
+        if cfg.in_backward:
+            self._check_in_backward()
+            self._step_in_backward = StepInBackward(optimizer).attach()
         scheduler = WarmupCosine(optimizer, cfg.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                  cfg.min_lr_ratio, cfg.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -24,6 +24,9 @@ class OptimizerConfig:
         min_lr_ratio: floor of the cosine decay.
         fused: torch's fused AdamW kernel (one kernel for all parameters; CPU and CUDA; transformers' default
             optimizer): the same update, fewer passes over memory.
+        in_backward: step each parameter during backward as soon as its gradient is complete, then free the
+            gradient (:class:`~cornstarch.lit.step_in_backward.StepInBackward`): the same updates with about the
+            trainable parameters' size less peak memory. Single device, no gradient clipping or accumulation.
     """
 
     lr: float = 1e-3
@@ -35,6 +38,7 @@ class OptimizerConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     fused: bool = True
+    in_backward: bool = False
 
     def validate(self, names: Sequence[str]) -> None:
         """Raise ``ValueError`` for a learning-rate group naming an unknown component, or an unknown schedule."""
