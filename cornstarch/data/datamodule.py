@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value, load_dataset
 from datasets import Image as ImageFeature
@@ -213,6 +214,8 @@ class MultimodalDataModule(L.LightningDataModule):
             SampleError: naming the sample and field, for any bad sample (as the collator would at its batch).
             ValueError: if a processor's items vary in shape, or its outputs are not one row per item.
         """
+        if len(dataset) == 0:
+            raise ValueError(f"The {split} data has no samples.")
         collator = self.collator(split, generate=split == "predict", max_length=None)
         features = _encoded_features(collator.encode(_probe(dataset, collator.fields)))
 
@@ -332,17 +335,24 @@ def _without_decoding(dataset: Dataset) -> Dataset:
 
 
 def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
-    """The first sample, and the first with items of each modality the first lacks (to learn output shapes)."""
-    light = _without_decoding(dataset)
-    wanted, picked = set(fields), []
-    for i, row in enumerate(light):
-        present = {key for key, name in fields.items() if field_values(row, name)}
-        if i == 0 or present & wanted:
-            picked.append(i)
-            wanted -= present
-        if not wanted:
+    """The first sample, and the first with items of each modality it lacks (to learn each output's shape).
+    Item counts are read from Arrow (list lengths, or non-null single values): nothing is decoded."""
+    columns = {key: name if name in dataset.column_names else name[:-1] for key, name in fields.items()}
+    columns = {key: name for key, name in columns.items() if name in dataset.column_names}
+    picked, start = [0], 0
+    for batch in dataset.select_columns(sorted(set(columns.values()))).with_format("arrow").iter(batch_size=4096):
+        for key, name in list(columns.items()):
+            column = batch.column(name)
+            nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            counts = pc.list_value_length(column).fill_null(0) if nested else pc.cast(column.is_valid(), pa.int32())
+            hits = np.flatnonzero(counts.to_numpy(zero_copy_only=False) > 0)
+            if len(hits):
+                picked.append(start + int(hits[0]))
+                del columns[key]
+        if not columns:
             break
-    return [{**dataset[i], "__index__": i} for i in picked]
+        start += batch.num_rows
+    return [{**dataset[i], "__index__": i} for i in sorted(set(picked))]
 
 
 def _encoded_features(columns: dict[str, list]) -> Features:
