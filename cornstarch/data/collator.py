@@ -58,7 +58,9 @@ class MultimodalCollator:
 
     A sample is ``{"messages": [...]}`` or ``{"prompt": ..., "answer": ...}`` plus a list of items per modality
     field (``images``, ``audios``; see ``fields``). Only answers are supervised: prompt, modality tokens and
-    padding are -100. Modality tokens per sample are counted here, on the CPU.
+    padding are -100. Modality tokens per sample are counted here, on the CPU. ``collate(samples)`` is
+    ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media, template, tokens,
+    expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads and stacks.
 
     Args:
         processor: the :class:`MultimodalProcessor` (tokenizer, encoder processors, token ids, feature counts).
@@ -242,7 +244,8 @@ class MultimodalCollator:
     def pad(self, columns: Mapping[str, Any] | pa.Table) -> dict[str, Any]:
         """Pad and stack encoded samples (columns of :meth:`encode`, or a ``pyarrow.Table`` of them) into a batch.
 
-        No Python loop over samples: each token column is flattened once and scattered into a padded matrix.
+        Each token column is flattened once and scattered into a padded matrix (for Arrow columns, with no Python
+        loop over samples).
 
         Returns:
             ``input_ids``/``attention_mask`` ``[batch, seq]`` (padded on ``padding_side``), ``labels`` (padded with

@@ -23,6 +23,7 @@ from .sampling import EpochShuffleSampler, LengthGroupedSampler
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
 ENCODE_BATCH = 256  # samples per processor call while encoding a split
+ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take more memory than this
 ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
 
 
@@ -217,7 +218,13 @@ class MultimodalDataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"The {split} data has no samples.")
         collator = self.collator(split, generate=split == "predict", max_length=None)
-        features = _encoded_features(collator.encode(_probe(dataset, collator.fields)))
+        probe = collator.encode(_probe(dataset, collator.fields))
+        features = _encoded_features(probe)
+        estimate = len(dataset) * max(sum(np.asarray(column[i]).nbytes for column in probe.values())
+                                      for i in range(len(probe["input_ids"])))
+        if estimate > ENCODED_WARN_BYTES:
+            log.warning("%s: the encoded samples will take about %.1f GiB of memory (processed media included); "
+                        "preprocess=False processes each batch instead (with num_workers)", split, estimate / 2**30)
 
         def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
             rows = [{**{k: v[j] for k, v in batch.items()}, "__index__": i} for j, i in enumerate(indices)]

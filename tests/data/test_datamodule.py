@@ -185,3 +185,14 @@ def test_missing_processor_and_missing_split_are_clear():
     dm = MultimodalDataModule(train=Dataset.from_dict(rows(2)), processor=proc)
     with pytest.raises(ValueError, match=r"No val data: pass val=DatasetSpec"):
         dm.val_dataloader()
+
+
+def test_large_encoded_splits_are_announced(caplog, monkeypatch):
+    import cornstarch.data.datamodule as datamodule
+
+    _, proc = make()
+    monkeypatch.setattr(datamodule, "ENCODED_WARN_BYTES", 6 * 3 * 32 * 32 * 4)  # less than 6 images' pixels
+    dm = MultimodalDataModule(train=Dataset.from_dict(rows(6)), processor=proc)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert "train: the encoded samples will take about" in caplog.text and "preprocess=False" in caplog.text
