@@ -232,8 +232,8 @@ class MultimodalDataModule(L.LightningDataModule):
             for name, feature in features.items():
                 if name in TEXT_COLUMNS:
                     continue
-                item_shape = tuple(feature.shape[1:]) if hasattr(feature, "shape") else ()
-                arrays = columns.setdefault(name, [np.zeros((0, *item_shape), feature.dtype)] * len(rows))
+                item_shape, dtype = _item_type(feature)
+                arrays = columns.setdefault(name, [np.zeros((0, *item_shape), dtype)] * len(rows))
                 for array, i in zip(arrays, indices):
                     if array.shape[1:] != item_shape:
                         raise ValueError(f"Sample {i}: processor output {name!r} has items of shape {array.shape[1:]},"
@@ -347,6 +347,8 @@ def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
     columns = {key: name if name in dataset.column_names else name[:-1] for key, name in fields.items()}
     columns = {key: name for key, name in columns.items() if name in dataset.column_names}
     picked, start = [0], 0
+    if not columns:
+        return [{**dataset[0], "__index__": 0}]
     for batch in dataset.select_columns(sorted(set(columns.values()))).with_format("arrow").iter(batch_size=4096):
         for key, name in list(columns.items()):
             column = batch.column(name)
@@ -360,6 +362,13 @@ def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
             break
         start += batch.num_rows
     return [{**dataset[i], "__index__": i} for i in sorted(set(picked))]
+
+
+def _item_type(feature: Any) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype of one item of an encoded processor-output column (``ArrayXD`` or a list of scalars)."""
+    if hasattr(feature, "shape"):
+        return tuple(feature.shape[1:]), feature.dtype
+    return (), feature.feature.dtype
 
 
 def _encoded_features(columns: dict[str, list]) -> Features:

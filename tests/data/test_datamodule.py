@@ -196,3 +196,13 @@ def test_large_encoded_splits_are_announced(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         dm.setup()
     assert "train: the encoded samples will take about" in caplog.text and "preprocess=False" in caplog.text
+
+
+def test_text_only_rows_encode_without_modality_columns():
+    _, proc = make()
+    data = Dataset.from_dict({"prompt": ["which digit ?", "what is this"], "answer": ["seven", "two three"]})
+    dm = MultimodalDataModule(train=data, processor=proc, batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert int((batch["labels"] != -100).sum()) > 0
