@@ -166,7 +166,8 @@ class MultimodalDataModule(L.LightningDataModule):
         self.eval_prompts = eval_prompts
         self.preprocess = preprocess
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
+        self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -202,7 +203,7 @@ class MultimodalDataModule(L.LightningDataModule):
                 continue
             dataset = spec.load() if isinstance(spec, DatasetSpec) else spec
             if self.preprocess:
-                dataset = self._fit_lengths(split, self._encode(split, dataset))
+                dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
             elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
                 dataset = self._measure(split, dataset)
             self.datasets[split] = dataset
@@ -246,8 +247,9 @@ class MultimodalDataModule(L.LightningDataModule):
         log.info("%s: encoded %d samples once (%.1f MB)", split, len(encoded), encoded.data.nbytes / 2**20)
         return encoded
 
-    def _fit_lengths(self, split: str, encoded: Dataset) -> Dataset:
-        """Exact lengths of encoded samples; over-long ones raise or are dropped (``on_too_long="skip"``, logged)."""
+    def _fit_lengths(self, split: str, dataset: Dataset, encoded: Dataset) -> tuple[Dataset, Dataset]:
+        """Exact lengths of encoded samples; over-long ones raise or are dropped from both the samples and their
+        encodings (``on_too_long="skip"``, logged)."""
         lengths = pc.list_value_length(encoded.data.column("input_ids")).to_numpy(zero_copy_only=False)
         if self.max_length is not None:
             too_long_rows = np.flatnonzero(lengths > self.max_length)
@@ -259,10 +261,10 @@ class MultimodalDataModule(L.LightningDataModule):
                 log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, len(too_long_rows),
                             len(lengths), self.max_length)
                 keep = np.flatnonzero(lengths <= self.max_length)
-                encoded = encoded.select(keep).flatten_indices(keep_in_memory=True)
+                dataset, encoded = dataset.select(keep), encoded.select(keep).flatten_indices(keep_in_memory=True)
                 lengths = lengths[keep]
         self.lengths[split] = lengths.tolist()
-        return encoded
+        return dataset, encoded
 
     def _measure(self, split: str, dataset: Dataset) -> Dataset:
         """Compute lengths (for grouping) and drop over-long samples (``on_too_long="skip"``), logging the count."""
@@ -296,7 +298,7 @@ class MultimodalDataModule(L.LightningDataModule):
         train = split == "train"
         collator = self.collator(split, generate=generate)
         if self.preprocess:
-            dataset, collate = EncodedDataset(self.datasets[split]), collator.pad
+            dataset, collate = EncodedDataset(self.encoded[split]), collator.pad
         else:
             dataset, collate = IndexedDataset(self.datasets[split]), collator
         sampler = None
