@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
@@ -56,7 +58,9 @@ class MultimodalCollator:
 
     A sample is ``{"messages": [...]}`` or ``{"prompt": ..., "answer": ...}`` plus a list of items per modality
     field (``images``, ``audios``; see ``fields``). Only answers are supervised: prompt, modality tokens and
-    padding are -100. Modality tokens per sample are counted here, on the CPU.
+    padding are -100. Modality tokens per sample are counted here, on the CPU. ``collate(samples)`` is
+    ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media, template, tokens,
+    expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads and stacks.
 
     Args:
         processor: the :class:`MultimodalProcessor` (tokenizer, encoder processors, token ids, feature counts).
@@ -178,33 +182,95 @@ class MultimodalCollator:
 
     # ----------------------------------------------------------------------------------------------- batch
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        columns, shared = self._encode(samples)
+        batch = self.pad(columns)
+        batch.update(shared)
+        return batch
+
+    def encode(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+        """Each sample's model inputs, unpadded: the per-sample work of a batch, done once (see :meth:`pad`).
+
+        Returns:
+            Columns, one entry per kept sample: ``input_ids`` (placeholders expanded), ``labels`` (unless
+            ``generate``), ``prompt_input_ids`` (with ``with_prompts``), ``answers`` (with ``generate`` or
+            ``with_prompts``), and each modality processor output as an ``[items, ...]`` array (``pixel_values``…).
+
+        Raises:
+            SampleError: as :meth:`__call__`.
+            ValueError: if a processor output is not one row per item (such outputs cannot be stored per sample).
+        """
+        columns, shared = self._encode(samples)
+        if shared:
+            raise ValueError(f"Processor outputs {sorted(shared)} are not one row per item, so samples cannot be "
+                             f"encoded one by one; collate raw samples instead (MultimodalDataModule(preprocess=False)).")
+        return columns
+
+    def _encode(self, samples: Sequence[Mapping[str, Any]]) -> tuple[dict[str, list], dict[str, Any]]:
+        """Columns of :meth:`encode`, and processor outputs that are not one row per item (kept whole)."""
         indices = [s.get("__index__", i) for i, s in enumerate(samples)]
         items = [self._items(s, idx) for s, idx in zip(samples, indices)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         for (ids, _), its, idx in zip(tokenized, items, indices):
             self._check_placeholders(ids, its, idx)
         features, counts = self._process(items)
-        rows, keep = [], []
+        columns: dict[str, list] = {"input_ids": []}
+        if not self.generate:
+            columns["labels"] = []
+        keep = []
         for i, ((ids, labels), idx) in enumerate(zip(tokenized, indices)):
             ids, labels = self.processor.expand(ids, {k: c[i] for k, c in counts.items()}, labels)
             if self.max_length is not None and len(ids) > self.max_length:
                 if self.on_too_long == "error":
-                    raise SampleError(idx, "messages", f"{len(ids)} tokens with modality spans expanded, more than "
-                                                       f"max_length={self.max_length}; modality spans are never cut.")
+                    raise too_long(idx, len(ids), self.max_length)
                 self.skipped += 1
                 continue
-            rows.append((ids, labels))
+            columns["input_ids"].append(ids)
+            if not self.generate:
+                columns["labels"].append(labels)
             keep.append(i)
-        batch = self._pad(rows, self.padding_side, labels=not self.generate)
-        batch.update(self._select(features, counts, keep, len(samples)))
         if self.with_prompts and not self.generate:
             prompts = self._tokenize([self._segments(samples[i], indices[i], prompt_only=True) for i in keep])
-            expanded = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
-                        for (ids, _), i in zip(prompts, keep)]
-            padded = self._pad([(ids, ids) for ids in expanded], "left", labels=False)
-            batch["prompt_input_ids"], batch["prompt_attention_mask"] = padded["input_ids"], padded["attention_mask"]
+            columns["prompt_input_ids"] = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
+                                           for (ids, _), i in zip(prompts, keep)]
         if self.generate or self.with_prompts:
-            batch["answers"] = [_answer(samples[i]) for i in keep]
+            columns["answers"] = [_answer(samples[i]) for i in keep]
+        per_item, shared = _per_sample(features, counts)
+        for name, arrays in per_item.items():
+            if name in columns:
+                raise ValueError(f"Processor output {name!r} clashes with another column; rename the modality.")
+            columns[name] = [arrays[i] for i in keep]
+        return columns, shared
+
+    def pad(self, columns: Mapping[str, Any] | pa.Table) -> dict[str, Any]:
+        """Pad and stack encoded samples (columns of :meth:`encode`, or a ``pyarrow.Table`` of them) into a batch.
+
+        Each token column is flattened once and scattered into a padded matrix (for Arrow columns, with no Python
+        loop over samples).
+
+        Returns:
+            ``input_ids``/``attention_mask`` ``[batch, seq]`` (padded on ``padding_side``), ``labels`` (padded with
+            -100), left-padded ``prompt_input_ids``/``prompt_attention_mask``, ``answers``, and each processor output
+            concatenated over the batch's items (``pixel_values`` ``[items, channels, height, width]``, …).
+        """
+        names = columns.column_names if isinstance(columns, pa.Table) else list(columns)
+        pad_id = self.processor.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        ids, lengths = _tokens(columns["input_ids"])
+        batch = {}
+        batch["input_ids"], batch["attention_mask"] = _pad_tokens(ids, lengths, pad_id, self.padding_side)
+        if "labels" in names:
+            batch["labels"], _ = _pad_tokens(_tokens(columns["labels"])[0], lengths, IGNORE_INDEX, self.padding_side)
+        for name in names:
+            if name not in TEXT_COLUMNS:
+                items = _items_array(columns[name])  # [items, ...]
+                if len(items):
+                    batch[name] = torch.from_numpy(items)
+        if "prompt_input_ids" in names:
+            prompt, prompt_lengths = _tokens(columns["prompt_input_ids"])
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
+        if "answers" in names:
+            answers = columns["answers"]
+            batch["answers"] = answers.to_pylist() if isinstance(answers, (pa.Array, pa.ChunkedArray)) else list(answers)
         return batch
 
     def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
@@ -223,38 +289,71 @@ class MultimodalCollator:
             counts[key] = [per_item[a:b] for a, b in zip(splits[:-1], splits[1:])]
         return features, counts
 
-    def _select(self, features: dict[str, dict], counts: dict[str, list[list[int]]], keep: list[int],
-                n_samples: int) -> dict[str, torch.Tensor]:
-        """Modality tensors of the kept samples only (all of them unless some were skipped)."""
-        out: dict[str, torch.Tensor] = {}
-        for key, tensors in features.items():
-            per_sample = [len(c) for c in counts[key]]
-            if len(keep) < n_samples:
-                owner = np.repeat(np.arange(n_samples), per_sample)
-                rows = torch.from_numpy(np.flatnonzero(np.isin(owner, keep)))
-                if rows.numel() == 0:
-                    continue
-                tensors = {n: t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.shape[0] == len(owner)
-                           else t for n, t in tensors.items()}
-            out.update(tensors)
-        return out
 
-    def _pad(self, rows: list[tuple[list[int], list[int]]], side: str, labels: bool) -> dict[str, torch.Tensor]:
-        pad_id = self.processor.tokenizer.pad_token_id
-        pad_id = 0 if pad_id is None else pad_id
-        longest = max((len(ids) for ids, _ in rows), default=0)
-        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # [batch, seq]
-        label_ids = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            span = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
-            label_ids[i, span] = torch.tensor(lab, dtype=torch.long)
-            attention_mask[i, span] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels:
-            batch["labels"] = label_ids
-        return batch
+# Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
+TEXT_COLUMNS = frozenset({"input_ids", "labels", "prompt_input_ids", "answers"})
+
+
+def too_long(index: Any, length: int, max_length: int) -> SampleError:
+    """The error for a sample longer than ``max_length`` (modality spans expanded)."""
+    return SampleError(index, "messages", f"{length} tokens with modality spans expanded, more than "
+                                          f"max_length={max_length}; modality spans are never cut.")
+
+
+def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -> tuple[dict[str, list], dict]:
+    """Processor outputs split per sample (``[items, ...]`` arrays); outputs not one row per item, kept whole."""
+    per_item: dict[str, list[np.ndarray]] = {}
+    shared: dict[str, Any] = {}
+    for key, tensors in features.items():
+        splits = np.cumsum([0] + [len(c) for c in counts[key]])
+        for name, value in tensors.items():
+            if name in per_item or name in shared:
+                raise ValueError(f"Two modality processors output {name!r}; the batch can hold only one.")
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
+                array = value.numpy()
+                per_item[name] = [array[a:b] for a, b in zip(splits[:-1], splits[1:])]
+            else:
+                shared[name] = value
+    return per_item, shared
+
+
+def _tokens(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A column of token lists (Python lists or an Arrow list column) → (all tokens in order, length per row)."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+        return array.flatten().to_numpy(zero_copy_only=False), lengths
+    lengths = np.fromiter((len(row) for row in column), dtype=np.int64, count=len(column))
+    flat = np.concatenate([np.asarray(row, dtype=np.int64) for row in column]) if len(column) else np.zeros(0, np.int64)
+    return flat, lengths
+
+
+def _pad_tokens(flat: np.ndarray, lengths: np.ndarray, value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``lengths`` tokens taken in order from ``flat`` → ``[batch, longest]`` padded with ``value``, and the
+    mask of real tokens."""
+    longest = int(lengths.max()) if len(lengths) else 0
+    positions = np.arange(longest)[None, :]  # [1, seq]
+    if side == "left":
+        real = positions >= (longest - lengths)[:, None]  # [batch, seq]
+    else:
+        real = positions < lengths[:, None]
+    out = np.full(real.shape, value, dtype=np.int64)
+    out[real] = flat
+    return torch.from_numpy(out), torch.from_numpy(real.astype(np.int64))
+
+
+def _items_array(column: Any) -> np.ndarray:
+    """A column of per-sample ``[items, ...]`` arrays (NumPy, or an Arrow ``ArrayXD``/list column) → all items
+    concatenated, ``[items, ...]``."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        shape = tuple(getattr(array.type, "shape", (None,))[1:])
+        values = array.storage if isinstance(array, pa.ExtensionArray) else array
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
+                pa.types.is_fixed_size_list(values.type):
+            values = values.flatten()
+        return np.array(values.to_numpy(zero_copy_only=False)).reshape(-1, *shape)
+    return np.concatenate(list(column)) if len(column) else np.zeros(0)
 
 
 def _answer(sample: Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from .media import SampleError
@@ -44,8 +45,10 @@ def to_messages(sample: dict[str, Any], index: Any, need_answer: bool = True) ->
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        turns = tuple((m["role"], m["content"]) for m in messages)
+        return _render_template(tokenizer, template, tokenizer.bos_token, tokenizer.eos_token, turns, generation_prompt)
     parts = []
     for m in messages:
         if m["role"] == "assistant":
@@ -55,6 +58,16 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     if generation_prompt:
         parts.append(PLAIN_ASSISTANT_PROMPT)
     return "".join(parts)
+
+
+@lru_cache(maxsize=4096)
+def _render_template(tokenizer: Any, template: str, bos: str | None, eos: str | None, turns: tuple[tuple[str, str], ...],
+                     generation_prompt: bool) -> str:
+    """The chat template's text for ``turns``, memoised: data sets repeat prompts (and often answers), and a Jinja
+    render costs far more than the lookup. The template and special tokens are part of the key, so changing them
+    on the tokenizer renders anew."""
+    messages = [{"role": role, "content": content} for role, content in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def render_segments(tokenizer: Any, messages: list[dict[str, str]], index: Any,

@@ -9,16 +9,22 @@ from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset, load_dataset
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value, load_dataset
 from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
-from .collator import MultimodalCollator, field_values
+from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
+ENCODE_BATCH = 256  # samples per processor call while encoding a split
+ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take more memory than this
+ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
 
 
 @dataclass
@@ -83,6 +89,24 @@ class IndexedDataset(torch.utils.data.Dataset):
         return [{**{k: v[j] for k, v in columns.items()}, "__index__": int(i)} for j, i in enumerate(indices)]
 
 
+class EncodedDataset(torch.utils.data.Dataset):
+    """Rows of an encoded split (see :meth:`MultimodalDataModule.setup`); a batch is one Arrow ``take``, a
+    ``pyarrow.Table`` that :meth:`MultimodalCollator.pad` pads and stacks."""
+
+    def __init__(self, dataset: Dataset):
+        data = dataset.flatten_indices(keep_in_memory=True).data if dataset._indices is not None else dataset.data
+        self.table = data.table.combine_chunks()  # one chunk per column: a take is one gather, not one per chunk
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return self.table.take(indices)
+
+
 class MultimodalDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders of multimodal samples.
 
@@ -100,6 +124,11 @@ class MultimodalDataModule(L.LightningDataModule):
         fields: modality key → sample field (default ``vision→images``, ``audio→audios``).
         processor_kwargs: extra keyword arguments for the encoder processors.
         eval_prompts: val/test batches also carry generation prompts and reference answers (for exact match).
+        preprocess: encode every sample once at setup (``datasets.Dataset.map``: media decoded and processed, text
+            templated, tokenized and expanded), so that a batch is only gathered, padded and stacked. The encoded
+            split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones).
+            ``False``: the collator does that work for every batch, every epoch (for random per-epoch transforms
+            such as ``with_transform`` augmentations, or splits too large to hold encoded; use ``num_workers``).
 
     >>> # dm = MultimodalDataModule(train=DatasetSpec("json", data_files="train.jsonl"), processor=proc)
     """
@@ -122,6 +151,7 @@ class MultimodalDataModule(L.LightningDataModule):
         fields: dict[str, str] | None = None,
         processor_kwargs: dict[str, Any] | None = None,
         eval_prompts: bool = True,
+        preprocess: bool = True,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -134,8 +164,10 @@ class MultimodalDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.on_too_long = on_too_long
         self.eval_prompts = eval_prompts
+        self.preprocess = preprocess
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
+        self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -153,12 +185,13 @@ class MultimodalDataModule(L.LightningDataModule):
                              "with a .processor attribute.")
         return self.processor
 
-    def collator(self, split: str = "train", generate: bool = False) -> MultimodalCollator:
+    def collator(self, split: str = "train", generate: bool = False, **overrides: Any) -> MultimodalCollator:
         """The collator of a split (``generate``: left-padded prompts with reference answers; val/test batches
-        also carry prompts and answers for generated exact match)."""
+        also carry prompts and answers for generated exact match); ``overrides``: other collator fields."""
         spec = self.specs.get(split)
+        fields = {"max_length": self.max_length, "on_too_long": self.on_too_long, **overrides}
         return MultimodalCollator(
-            self._processor(), max_length=self.max_length, on_too_long=self.on_too_long,
+            self._processor(), **fields,
             padding_side="left" if generate else "right", generate=generate,
             with_prompts=split in ("val", "test") and self.eval_prompts,
             base_dir=spec.base_dir if isinstance(spec, DatasetSpec) else None, **self.collator_kwargs,
@@ -169,9 +202,69 @@ class MultimodalDataModule(L.LightningDataModule):
             if spec is None or split in self.datasets:
                 continue
             dataset = spec.load() if isinstance(spec, DatasetSpec) else spec
-            if self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
+            if self.preprocess:
+                dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
+            elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
                 dataset = self._measure(split, dataset)
             self.datasets[split] = dataset
+
+    def _encode(self, split: str, dataset: Dataset) -> Dataset:
+        """The split encoded once (:meth:`MultimodalCollator.encode` over batches of samples, via ``Dataset.map``),
+        held in memory. Lengths are checked afterwards (:meth:`_fit_lengths`).
+
+        Raises:
+            SampleError: naming the sample and field, for any bad sample (as the collator would at its batch).
+            ValueError: if a processor's items vary in shape, or its outputs are not one row per item.
+        """
+        if len(dataset) == 0:
+            raise ValueError(f"The {split} data has no samples.")
+        collator = self.collator(split, generate=split == "predict", max_length=None)
+        probe = collator.encode(_probe(dataset, collator.fields))
+        features = _encoded_features(probe)
+        estimate = len(dataset) * max(sum(np.asarray(column[i]).nbytes for column in probe.values())
+                                      for i in range(len(probe["input_ids"])))
+        if estimate > ENCODED_WARN_BYTES:
+            log.warning("%s: the encoded samples will take about %.1f GiB of memory (processed media included); "
+                        "preprocess=False processes each batch instead (with num_workers)", split, estimate / 2**30)
+
+        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            rows = [{**{k: v[j] for k, v in batch.items()}, "__index__": i} for j, i in enumerate(indices)]
+            columns = collator.encode(rows)
+            for name, feature in features.items():
+                if name in TEXT_COLUMNS:
+                    continue
+                item_shape, dtype = _item_type(feature)
+                arrays = columns.setdefault(name, [np.zeros((0, *item_shape), dtype)] * len(rows))
+                for array, i in zip(arrays, indices):
+                    if array.shape[1:] != item_shape:
+                        raise ValueError(f"Sample {i}: processor output {name!r} has items of shape {array.shape[1:]},"
+                                         f" others {item_shape}; items of varying shape cannot be encoded ahead: "
+                                         f"use MultimodalDataModule(preprocess=False).")
+            return columns
+
+        encoded = dataset.map(encode, batched=True, batch_size=ENCODE_BATCH, with_indices=True, features=features,
+                              remove_columns=dataset.column_names, keep_in_memory=True, desc=f"Encoding {split}")
+        log.info("%s: encoded %d samples once (%.1f MB)", split, len(encoded), encoded.data.nbytes / 2**20)
+        return encoded
+
+    def _fit_lengths(self, split: str, dataset: Dataset, encoded: Dataset) -> tuple[Dataset, Dataset]:
+        """Exact lengths of encoded samples; over-long ones raise or are dropped from both the samples and their
+        encodings (``on_too_long="skip"``, logged)."""
+        lengths = pc.list_value_length(encoded.data.column("input_ids")).to_numpy(zero_copy_only=False)
+        if self.max_length is not None:
+            too_long_rows = np.flatnonzero(lengths > self.max_length)
+            if len(too_long_rows) and self.on_too_long == "error":
+                first = int(too_long_rows[0])
+                raise too_long(first, int(lengths[first]), self.max_length)
+            self.skipped[split] = len(too_long_rows)
+            if len(too_long_rows):
+                log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, len(too_long_rows),
+                            len(lengths), self.max_length)
+                keep = np.flatnonzero(lengths <= self.max_length)
+                dataset, encoded = dataset.select(keep), encoded.select(keep).flatten_indices(keep_in_memory=True)
+                lengths = lengths[keep]
+        self.lengths[split] = lengths.tolist()
+        return dataset, encoded
 
     def _measure(self, split: str, dataset: Dataset) -> Dataset:
         """Compute lengths (for grouping) and drop over-long samples (``on_too_long="skip"``), logging the count."""
@@ -203,15 +296,19 @@ class MultimodalDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"No {split} data: pass {split}=DatasetSpec(...) to MultimodalDataModule.")
         train = split == "train"
+        collator = self.collator(split, generate=generate)
+        if self.preprocess:
+            dataset, collate = EncodedDataset(self.encoded[split]), collator.pad
+        else:
+            dataset, collate = IndexedDataset(self.datasets[split]), collator
         sampler = None
         if train and self.group_by_length:
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed)
         elif train:
             sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed)
         return DataLoader(
-            IndexedDataset(self.datasets[split]), batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            collate_fn=self.collator(split, generate=generate), num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
+            collate_fn=collate, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -244,3 +341,53 @@ def _without_decoding(dataset: Dataset) -> Dataset:
         if light is not None:
             dataset = dataset.cast_column(name, light)
     return dataset
+
+
+def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The first sample, and the first with items of each modality it lacks (to learn each output's shape).
+    Item counts are read from Arrow (list lengths, or non-null single values): nothing is decoded."""
+    columns = {key: name if name in dataset.column_names else name[:-1] for key, name in fields.items()}
+    columns = {key: name for key, name in columns.items() if name in dataset.column_names}
+    picked, start = [0], 0
+    if not columns:
+        return [{**dataset[0], "__index__": 0}]
+    for batch in dataset.select_columns(sorted(set(columns.values()))).with_format("arrow").iter(batch_size=4096):
+        for key, name in list(columns.items()):
+            column = batch.column(name)
+            nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            counts = pc.list_value_length(column).fill_null(0) if nested else pc.cast(column.is_valid(), pa.int32())
+            hits = np.flatnonzero(counts.to_numpy(zero_copy_only=False) > 0)
+            if len(hits):
+                picked.append(start + int(hits[0]))
+                del columns[key]
+        if not columns:
+            break
+        start += batch.num_rows
+    return [{**dataset[i], "__index__": i} for i in sorted(set(picked))]
+
+
+def _item_type(feature: Any) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype of one item of an encoded processor-output column (``ArrayXD`` or a list of scalars)."""
+    if hasattr(feature, "shape"):
+        return tuple(feature.shape[1:]), feature.dtype
+    return (), feature.feature.dtype
+
+
+def _encoded_features(columns: dict[str, list]) -> Features:
+    """Arrow types of encoded columns: token lists, answer strings, and per-sample ``[items, ...]`` arrays."""
+    features = {}
+    for name, values in columns.items():
+        if name == "answers":
+            features[name] = Value("string")
+        elif name in TEXT_COLUMNS:
+            features[name] = List(Value("int32"))
+        else:
+            array = next((a for a in values if len(a)), values[0])
+            if array.ndim == 1:
+                features[name] = List(Value(str(array.dtype)))
+            elif array.ndim in ARRAYS:
+                features[name] = ARRAYS[array.ndim](shape=(None, *array.shape[1:]), dtype=str(array.dtype))
+            else:
+                raise ValueError(f"Processor output {name!r} has {array.ndim - 1}-D items; at most 4-D can be "
+                                 f"encoded ahead: use MultimodalDataModule(preprocess=False).")
+    return Features(features)

@@ -1,4 +1,5 @@
-"""MultimodalDataModule: in-memory, json and imagefolder sources; seeded shuffle; grouping; skipping."""
+"""MultimodalDataModule: in-memory, json and imagefolder sources; encoded (preprocessed) and raw paths give equal
+batches; seeded shuffle; grouping; skipping; bad samples named at setup."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import soundfile
 import torch
 from datasets import Dataset
 
-from cornstarch.data import DatasetSpec, MultimodalDataModule
+from cornstarch.data import DatasetSpec, MultimodalDataModule, SampleError
 from tests import tiny
 from tests.data.test_collator import make
 
@@ -73,6 +74,60 @@ def test_imagefolder_with_metadata(tmp_path):
     assert torch.isfinite(mllm(**batch).loss)
 
 
+def mixed_rows(n: int) -> dict:
+    """Rows with 0-2 images and 0-1 audio clips, answers of varying length."""
+    base = rows(n, skew=True)
+    n_audio = [i % 2 for i in range(n)]
+    for messages, k in zip(base["messages"], n_audio):
+        messages[0]["content"] = "<audio> " * k + messages[0]["content"]
+    base["audios"] = [tiny.waveforms(k, seed=i) for i, k in enumerate(n_audio)]
+    return base
+
+
+def assert_same_batches(loader_a, loader_b) -> None:
+    for a, b in zip(loader_a, loader_b, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+            assert same, key
+            assert not isinstance(a[key], torch.Tensor) or a[key].dtype == b[key].dtype, key
+
+
+@pytest.mark.parametrize("split", ["train", "val", "predict"])
+def test_encoded_batches_equal_raw_collation(split):
+    """Encoding once at setup and padding per batch gives exactly the batches of collating raw samples."""
+    _, proc = make(audio=True)
+    data = Dataset.from_dict(mixed_rows(14))
+    kwargs = {split: data, "processor": proc, "batch_size": 4, "eval_batch_size": 5, "group_by_length": True,
+              "sampling_rate": tiny.AUDIO_RATE}
+    encoded, raw = MultimodalDataModule(**kwargs), MultimodalDataModule(preprocess=False, **kwargs)
+    encoded.setup(), raw.setup()
+    loader = getattr(encoded, f"{split}_dataloader")()
+    if split == "train":
+        assert encoded.lengths["train"] == raw.lengths["train"]
+        order = list(loader.sampler)
+        assert order == list(getattr(raw, f"{split}_dataloader")().sampler) and order != sorted(order)
+    else:
+        order = list(range(len(data)))
+    collate = raw.collator(split, generate=split == "predict")
+    size = loader.batch_size
+    direct = [collate([{**data[i], "__index__": i} for i in order[k:k + size]]) for k in range(0, len(order), size)]
+    assert_same_batches(loader, direct)
+    assert_same_batches(loader, getattr(raw, f"{split}_dataloader")())
+
+
+def test_bad_samples_are_named_at_setup():
+    _, proc = make()
+    data = rows(6)
+    data["images"][4] = []  # its text still has a placeholder (4 % 3 = 1)
+    dm = MultimodalDataModule(train=Dataset.from_dict(data), processor=proc)
+    with pytest.raises(SampleError, match=r"Sample 4, field 'images': 1 <image> placeholder\(s\) .* but 0 item"):
+        dm.setup()
+    dm = MultimodalDataModule(train=Dataset.from_dict(rows(6)), processor=proc, max_length=40)
+    with pytest.raises(SampleError, match=r"Sample 2, field 'messages': \d+ tokens .* max_length=40"):
+        dm.setup()
+
+
 def order(seed: int) -> list[int]:
     _, proc = make()
     dm = MultimodalDataModule(train=Dataset.from_dict(rows(8)), processor=proc, batch_size=8, seed=seed)
@@ -94,11 +149,13 @@ def real_fraction(dm) -> float:
     return real / total
 
 
-def test_group_by_length_cuts_padding():
+@pytest.mark.parametrize("preprocess", [True, False], ids=["encoded", "raw"])
+def test_group_by_length_cuts_padding(preprocess):
     _, proc = make()
     data = Dataset.from_dict(rows(48, skew=True))
-    plain = MultimodalDataModule(train=data, processor=proc, batch_size=4)
-    grouped = MultimodalDataModule(train=data, processor=proc, batch_size=4, group_by_length=True)
+    plain = MultimodalDataModule(train=data, processor=proc, batch_size=4, preprocess=preprocess)
+    grouped = MultimodalDataModule(train=data, processor=proc, batch_size=4, group_by_length=True,
+                                   preprocess=preprocess)
     plain.setup(), grouped.setup()
     collate = grouped.collator("train")
     exact = [len(collate([{**data[i], "__index__": i}])["input_ids"][0]) for i in range(len(data))]
@@ -106,10 +163,12 @@ def test_group_by_length_cuts_padding():
     assert real_fraction(grouped) > real_fraction(plain) + 0.1
 
 
-def test_too_long_samples_are_skipped_at_setup_and_logged(caplog):
+@pytest.mark.parametrize("preprocess", [True, False], ids=["encoded", "raw"])
+def test_too_long_samples_are_skipped_at_setup_and_logged(caplog, preprocess):
     _, proc = make()
     data = Dataset.from_dict(rows(9))  # 0, 1 or 2 images: 2 images exceed 40 tokens
-    dm = MultimodalDataModule(train=data, processor=proc, batch_size=4, max_length=40, on_too_long="skip")
+    dm = MultimodalDataModule(train=data, processor=proc, batch_size=4, max_length=40, on_too_long="skip",
+                              preprocess=preprocess)
     with caplog.at_level(logging.WARNING):
         dm.setup()
     assert dm.skipped["train"] == 3 and len(dm.datasets["train"]) == 6
@@ -126,3 +185,24 @@ def test_missing_processor_and_missing_split_are_clear():
     dm = MultimodalDataModule(train=Dataset.from_dict(rows(2)), processor=proc)
     with pytest.raises(ValueError, match=r"No val data: pass val=DatasetSpec"):
         dm.val_dataloader()
+
+
+def test_large_encoded_splits_are_announced(caplog, monkeypatch):
+    import cornstarch.data.datamodule as datamodule
+
+    _, proc = make()
+    monkeypatch.setattr(datamodule, "ENCODED_WARN_BYTES", 6 * 3 * 32 * 32 * 4)  # less than 6 images' pixels
+    dm = MultimodalDataModule(train=Dataset.from_dict(rows(6)), processor=proc)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert "train: the encoded samples will take about" in caplog.text and "preprocess=False" in caplog.text
+
+
+def test_text_only_rows_encode_without_modality_columns():
+    _, proc = make()
+    data = Dataset.from_dict({"prompt": ["which digit ?", "what is this"], "answer": ["seven", "two three"]})
+    dm = MultimodalDataModule(train=data, processor=proc, batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert int((batch["labels"] != -100).sum()) > 0

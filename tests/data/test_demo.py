@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import soundfile
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from transformers import AutoTokenizer
@@ -92,6 +92,7 @@ def test_tokenizer_training_is_deterministic(tmp_path, tok_dir, tok):
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(max_size=40))
 def test_tokenizer_decodes_any_text_back_exactly(tok, text):
+    assume(not any(special in text for special in tok.all_special_tokens))  # "<unk>" in text is the unk token
     ids = tok(text).input_ids
     assert tok.unk_token_id not in ids
     assert tok.decode(ids) == text

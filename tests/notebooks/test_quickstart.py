@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "quickstart.ipynb"
 
 
-def test_quickstart_notebook_runs_and_learns(tmp_path):
+def test_quickstart_notebook_runs_and_learns(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    # the kernel imports this checkout's cornstarch (not whichever one the venv has installed)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
     # "python3" is ipykernel's native kernel: this interpreter (the project's venv)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
