@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
 from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
+from .packing import PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class MultimodalDataModule(L.LightningDataModule):
             split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones).
             ``False``: the collator does that work for every batch, every epoch (for random per-epoch transforms
             such as ``with_transform`` augmentations, or splits too large to hold encoded; use ``num_workers``).
+        pack: train batches are ``batch_size`` rows of ``max_length`` tokens, each holding several whole samples
+            (first-fit decreasing, reshuffled every epoch) with ``position_ids`` restarting per sample: each
+            sample attends only to itself (see :mod:`cornstarch.data.packing`). Needs ``max_length``.
 
     >>> # dm = MultimodalDataModule(train=DatasetSpec("json", data_files="train.jsonl"), processor=proc)
     """
@@ -152,6 +156,7 @@ class MultimodalDataModule(L.LightningDataModule):
         processor_kwargs: dict[str, Any] | None = None,
         eval_prompts: bool = True,
         preprocess: bool = True,
+        pack: bool = False,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -165,6 +170,9 @@ class MultimodalDataModule(L.LightningDataModule):
         self.on_too_long = on_too_long
         self.eval_prompts = eval_prompts
         self.preprocess = preprocess
+        self.pack = pack
+        if pack and (not max_length or group_by_length):
+            raise ValueError("pack=True needs max_length (the tokens per packed row) and excludes group_by_length.")
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
         self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
         self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
@@ -302,15 +310,27 @@ class MultimodalDataModule(L.LightningDataModule):
         else:
             dataset, collate = IndexedDataset(self.datasets[split]), collator
         sampler = None
+        if train and self.pack:
+            pad_id = self._processor().tokenizer.pad_token_id or 0
+            batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed)
+            return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                              collate_fn=WithSupervisedPositions(PackingCollate(collate, self.max_length, pad_id)),
+                              persistent_workers=self.num_workers > 0)
         if train and self.group_by_length:
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed)
         elif train:
             sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed)
         return DataLoader(
             dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
-            collate_fn=collate, num_workers=self.num_workers,
+            collate_fn=WithSupervisedPositions(collate) if train else collate, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _lengths(self, split: str) -> list[int]:
+        """Token lengths of a split's samples (measured at setup when not preprocessed)."""
+        if split not in self.lengths:
+            self.datasets[split] = self._measure(split, self.datasets[split])
+        return self.lengths[split]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

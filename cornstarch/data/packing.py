@@ -17,13 +17,15 @@ modality tensors of the batch (images, audio, item after item) still match the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from ..models.multimodal_language_model.supervised_loss import supervised_positions
 
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -123,3 +125,71 @@ def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
     position_ids = torch.where(tail, position_ids - used[:, None], position_ids)
     packed["position_ids"] = position_ids
     return packed, sample_of_token
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Batches of whole rows: the samples of ``rows_per_batch`` packed rows, row after row.
+
+    Rows come from :func:`first_fit_decreasing` over the epoch's shuffle (seed + epoch), so equal-length samples
+    change partners between epochs, and the rows are shuffled; the number of rows depends only on the lengths, so
+    every epoch has the same number of batches. Collate a batch, then :func:`pack_batch` it with the same capacity.
+
+    Args:
+        lengths: token length of each sample.
+        capacity: tokens per row.
+        rows_per_batch: rows per batch (the loader's batch size).
+        seed: base seed.
+
+    >>> sampler = PackedBatchSampler([5, 2, 4, 3, 1], capacity=6, rows_per_batch=2)
+    >>> len(sampler), sorted(i for batch in sampler for i in batch)
+    (2, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(self, lengths: Sequence[int], capacity: int, rows_per_batch: int, seed: int = 0):
+        self.lengths = np.asarray(lengths)
+        self.capacity = capacity
+        self.rows_per_batch = rows_per_batch
+        self.seed = seed
+        self.epoch = 0
+        self._rows = len(first_fit_decreasing(self.lengths, capacity))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self._rows // self.rows_per_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        rows = [order[row].tolist() for row in first_fit_decreasing(self.lengths[order], self.capacity)]
+        shuffled = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(rows), self.rows_per_batch):
+            yield [i for r in shuffled[start:start + self.rows_per_batch] for i in rows[r]]
+
+
+class PackingCollate:
+    """``collate`` (right padding), then :func:`pack_batch` into rows of ``capacity`` tokens.
+
+    Returns the packed batch only (no ``sample_of_token``): ``input_ids``, ``labels``, ``position_ids`` and the
+    modality tensors, ready for ``MultimodalModel.forward``.
+    """
+
+    def __init__(self, collate: Callable[[Any], dict[str, Any]], capacity: int, pad_token_id: int = 0):
+        self.collate, self.capacity, self.pad_token_id = collate, capacity, pad_token_id
+
+    def __call__(self, samples: Any) -> dict[str, Any]:
+        return pack_batch(self.collate(samples), self.capacity, self.pad_token_id)[0]
+
+
+class WithSupervisedPositions:
+    """A train collate plus ``supervised_positions`` (computed here, on the CPU), so that
+    ``MultimodalModel.forward`` computes logits only where supervised without waiting for the device."""
+
+    def __init__(self, collate: Callable[[Any], dict[str, Any]]):
+        self.collate = collate
+
+    def __call__(self, samples: Any) -> dict[str, Any]:
+        batch = self.collate(samples)
+        batch["supervised_positions"] = supervised_positions(batch["labels"])
+        return batch

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 from cornstarch.data import DatasetSpec, MultimodalDataModule, SampleError
+from cornstarch.data.packing import WithSupervisedPositions
 from tests import tiny
 from tests.data.test_collator import make
 
@@ -110,6 +111,8 @@ def test_encoded_batches_equal_raw_collation(split):
     else:
         order = list(range(len(data)))
     collate = raw.collator(split, generate=split == "predict")
+    if split == "train":  # train batches also carry the positions the model computes logits at
+        collate = WithSupervisedPositions(collate)
     size = loader.batch_size
     direct = [collate([{**data[i], "__index__": i} for i in order[k:k + size]]) for k in range(0, len(order), size)]
     assert_same_batches(loader, direct)
@@ -204,5 +207,5 @@ def test_text_only_rows_encode_without_modality_columns():
     dm = MultimodalDataModule(train=data, processor=proc, batch_size=2)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "supervised_positions"}
     assert int((batch["labels"] != -100).sum()) > 0

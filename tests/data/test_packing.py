@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cornstarch.data.packing import pack_batch
+from cornstarch.data import DatasetSpec, MultimodalDataModule
+from cornstarch.data.packing import PackedBatchSampler, first_fit_decreasing, pack_batch
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel
-from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
+from cornstarch.models.multimodal_language_model.supervised_loss import (
+    next_token_targets,
+    per_sample_loss,
+    supervised_positions,
+)
 from tests import tiny
 
 TOKEN = tiny.VOCAB + 1  # outside the LM vocabulary: the model must never look it up
@@ -79,3 +84,41 @@ def test_left_padding_is_refused():
     ids, mask = tiny.batch_with_placeholders([[(TOKEN, N)], []], seq_len=32, pad_left=True)
     with pytest.raises(ValueError, match="right-padded"):
         pack_batch({"input_ids": ids, "attention_mask": mask, "labels": ids}, capacity=64)
+
+
+def test_packed_batch_sampler_covers_every_sample_once_per_epoch():
+    lengths = [int(n) for n in torch.randint(5, 60, (50,), generator=torch.Generator().manual_seed(0))]
+    sampler = PackedBatchSampler(lengths, capacity=64, rows_per_batch=3, seed=0)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(50))
+        epochs.append(batches)
+    assert epochs[0] != epochs[1]  # reshuffled rows and partners
+    rows = first_fit_decreasing(lengths, 64)
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert sum(lengths) / (len(rows) * 64) > 0.9  # well packed
+
+
+def test_data_module_packs_train_batches_and_lightning_trains_on_them(tmp_path):
+    from tests.lit.test_module import DATASET, make_module, make_trainer
+
+    data = MultimodalDataModule(train=DatasetSpec(DATASET, split="train", kwargs={"image_size": 8, "n": 24}),
+                                batch_size=2, max_length=100, pack=True)  # digits samples: ~33 tokens
+    module = make_module()
+    data.processor = module.processor
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 100) and "attention_mask" not in batch
+    assert batch["pixel_values"].shape[0] > 2  # several samples (one image each) per row
+    assert torch.equal(batch["supervised_positions"], supervised_positions(batch["labels"]))
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3
+
+
+def test_pack_needs_max_length():
+    with pytest.raises(ValueError, match="pack=True needs max_length"):
+        MultimodalDataModule(pack=True)
