@@ -204,16 +204,29 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"No {split} data: pass {split}=DatasetSpec(...) to MultimodalDataModule.")
         train = split == "train"
         sampler = None
+        ranks = self._ranks()
         if train and self.group_by_length:
-            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed)
+            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
         elif train:
-            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed)
+            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
         return DataLoader(
             IndexedDataset(self.datasets[split]), batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
             collate_fn=self.collator(split, generate=generate), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _ranks(self) -> dict[str, int]:
+        """``num_replicas``/``rank`` of the data-parallel group the trainer runs in (one process: empty).
+
+        The training samplers deal one global order out to the ranks, so ``devices=n`` with ``batch_size=b``
+        trains on the batches a single process with ``batch_size=n*b`` would.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return {}
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return {"num_replicas": kwargs.get("num_replicas", trainer.world_size), "rank": kwargs.get("rank", trainer.global_rank)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
