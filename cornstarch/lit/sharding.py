@@ -136,8 +136,13 @@ def unit_components(model: nn.Module, units: list[Unit]) -> dict[str, set[str]]:
 
 
 def checkpointed_layers(units: list[Unit]) -> list[nn.Module]:
-    """The layers activation checkpointing recomputes: the same encoder and decoder layers as the units."""
-    return [u.module for u in units if u.kind == "layer"]
+    """The layers activation checkpointing recomputes: the layer units that transformers itself checkpoints
+    (``GradientCheckpointingLayer``: encoder and decoder layers), else every layer unit."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [u.module for u in units if u.kind == "layer"]
+    hf = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+    return hf or layers
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
@@ -156,16 +161,16 @@ def mixed_precision_policy(precision: str | None) -> Any:
     return None if half is None else MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
 
 
-def shard_fsdp2(model: nn.Module, mesh: Any, precision: str | None = None,
-                activation_checkpointing: bool = False) -> list[Unit]:
+def shard_fsdp2(model: nn.Module, mesh: Any, precision: str | None = None) -> list[Unit]:
     """Apply ``fully_shard`` to every unit of ``model`` (innermost first, the root last).
+
+    Activation checkpointing is the model's own (``MultimodalLitModule(gradient_checkpointing=True)`` turns on
+    transformers' per-layer checkpointing: the same layers as the units), so parameter names do not change.
 
     Args:
         model: the ``MultimodalModel`` (not yet sharded).
         mesh: the data-parallel ``DeviceMesh``.
         precision: the Trainer precision (see :func:`mixed_precision_policy`).
-        activation_checkpointing: recompute the layer units' activations in backward (torch's
-            ``checkpoint_wrapper``-free composable ``checkpoint``, so parameter names do not change).
 
     Returns:
         The units.
@@ -175,11 +180,6 @@ def shard_fsdp2(model: nn.Module, mesh: Any, precision: str | None = None,
     units = wrap_units(model)
     policy = mixed_precision_policy(precision)
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    if activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for layer in checkpointed_layers(units):
-            checkpoint(layer)
     for unit in units:
         fully_shard(unit.module, **kwargs)
     return units

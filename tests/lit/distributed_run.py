@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from cornstarch.data.datamodule import MultimodalDataModule  # noqa: E402
 from cornstarch.data.demo import digits_vlm_dataset  # noqa: E402
+from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
 from cornstarch.lit.module import MultimodalLitModule  # noqa: E402
 from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
 from cornstarch.lit.schedule import Stage, components  # noqa: E402
@@ -36,7 +37,7 @@ SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, name="al
             Stage(train=["vision.module", "vision.projector", "language_model"], start=TRANSITION, name="finetune")]
 
 
-def make_module(layers: int = 2) -> MultimodalLitModule:
+def make_module(layers: int = 2, gradient_checkpointing: bool = False) -> MultimodalLitModule:
     """Tiny CLIP-style tower (features from layer -2, CLS dropped: its last layer and post_layernorm are unused) +
     tiny Llama with tied embeddings."""
     vision = EncoderSpec(
@@ -55,7 +56,7 @@ def make_module(layers: int = 2) -> MultimodalLitModule:
                               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return MultimodalLitModule(
         encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.data.demo:build_tokenizer",
-        projector_type="mlp", freeze_schedule=SCHEDULE,
+        projector_type="mlp", freeze_schedule=SCHEDULE, gradient_checkpointing=gradient_checkpointing,
         optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": 5e-4}, warmup_steps=1, schedule="cosine"))
 
 
@@ -97,13 +98,29 @@ class Recorder(Callback):
                               epoch=trainer.current_epoch)
 
 
+def rank1_rows(step: int, per_rank_batch: int, n: int, ranks: int = 2) -> list[int]:
+    """Dataset rows that rank 1 of ``ranks`` trains on at ``step`` of epoch 0 (the datamodule's seed-0 order);
+    a single process with batch ``ranks * per_rank_batch`` has them in its batch at the same step."""
+    order = EpochShuffleSampler(n, seed=0).order()
+    start = step * ranks * per_rank_batch
+    return [int(order[start + 1 + ranks * j]) for j in range(per_rank_batch)]
+
+
 def run(config: dict) -> dict:
-    """Train as ``config`` says and return (and write, per rank) the records."""
+    """Train as ``config`` says and return (and write, per rank) the records.
+
+    Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
+    ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
+    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``.
+    """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
     devices = config.get("devices", 1)
-    module = make_module()
-    data = MultimodalDataModule(train=make_dataset(config.get("n_train", 16), config.get("text_only", [])),
+    module = make_module(gradient_checkpointing=config.get("gradient_checkpointing", False))
+    n_train = config.get("n_train", 16)
+    text_only = ([] if config.get("text_only_step") is None else
+                 rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))
+    data = MultimodalDataModule(train=make_dataset(n_train, text_only),
                                 val=digits_vlm_dataset("validation", image_size=8, n=8),
                                 batch_size=config["batch_size"], eval_batch_size=4)
     recorder = Recorder()
