@@ -14,7 +14,7 @@ from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_a
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
-from .strategies import after_freeze_change, prepare_strategy, world_size
+from .strategies import after_freeze_change, prepare_strategy, sharded_fsdp1, world_size
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
@@ -259,10 +259,11 @@ class MultimodalLitModule(L.LightningModule):
         tok = self.processor.tokenizer
         from .sharding import gathered_root
 
-        with gathered_root(self.model) as sharded:  # sharded ranks step together until all are done
+        with gathered_root(self.model) as sharded:
+            synced = sharded or sharded_fsdp1(self._trainer)  # sharded ranks step together until all are done
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.generation.max_new_tokens,
                                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                      **({"synced_gpus": True} if sharded else {}), **modality)
+                                      **({"synced_gpus": True} if synced else {}), **modality)
         return [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
     def _evaluate(self, split: str, batch: dict[str, Any]) -> None:

@@ -146,6 +146,11 @@ def world_size(trainer: L.Trainer | None) -> int:
     return 1 if trainer is None else trainer.world_size
 
 
+def sharded_fsdp1(trainer: L.Trainer | None) -> bool:
+    """Whether the model is sharded by FSDP1 over several ranks (generation must then keep ranks in step)."""
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1
+
+
 def prepare_strategy(trainer: L.Trainer) -> None:
     """Called from the module's ``setup``, before the strategy wraps the model.
 
