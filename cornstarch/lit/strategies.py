@@ -172,8 +172,10 @@ def after_freeze_change(trainer: L.Trainer) -> None:
 
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-        module = strategy.model.module
-        strategy.model = strategy._setup_model(module)
+        old = strategy.model
+        old._remove_autograd_hooks()  # the old reducer must not all-reduce anything any more
+        strategy.model = strategy._setup_model(old.module)
+        del old
         strategy._register_ddp_hooks()
         log.info("DDP wrapper rebuilt for the new freeze stage")
     elif isinstance(strategy, ModelParallelStrategy):
