@@ -32,8 +32,8 @@ from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
 from cornstarch.lit.schedule import Stage, components  # noqa: E402
 from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec  # noqa: E402
 
-TRANSITION = 2  # the LM starts training at this step (epoch 1 with 16 samples and global batch 8)
-SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, name="align"),
+TRANSITION = 2  # the tower and the LM start training at this step (epoch 1 with 16 samples and global batch 8)
+SCHEDULE = [Stage(train=["vision.projector"], start=0, name="align"),
             Stage(train=["vision.module", "vision.projector", "language_model"], start=TRANSITION, name="finetune")]
 
 

@@ -1,8 +1,8 @@
 """DDP and FSDP2 with 2 CPU processes against one process on the same global batches; FSDP2 resume and export.
 
 Each distributed scenario is one run of ``tests/lit/distributed_run.py`` launched by Lightning itself (bounded by a
-subprocess timeout, so a hang fails the test): 16 digits, per-rank batch 4 (global 8), 6 steps, the LM unfrozen
-at step 2, and at step 1 rank 1's batch has no image. The reference is the same script in this process with
+subprocess timeout, so a hang fails the test): 16 digits, per-rank batch 4 (global 8), 6 steps, only the projector
+training until step 2 and tower + LM from then on, and at step 1 rank 1's batch has no image. The reference is the same script in this process with
 batch 8.
 """
 
@@ -53,7 +53,7 @@ def check_matches_single(ranks: list[dict], single_record: dict) -> None:
         # the mean of the ranks' returned losses is the global token-mean loss
         assert abs((r0["loss"] + r1["loss"]) / 2 - one["loss"]) < 1e-5, (step, r0["loss"], r1["loss"], one["loss"])
         assert r0["stage"] == r1["stage"] == one["stage"] == (0 if step < dr.TRANSITION else 1)
-        # frozen parameters never get a gradient, on any rank (the LM in stage 0)
+        # frozen parameters never get a gradient, on any rank (tower and LM in stage 0)
         assert r0["frozen_grads_none"] and r1["frozen_grads_none"], step
         assert (r0["n_frozen"] > 0) == (step < dr.TRANSITION)
         # the ranks hold identical parameters, across the transition, equal to the single process's
