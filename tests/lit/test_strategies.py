@@ -65,26 +65,10 @@ def check_matches_single(ranks: list[dict], single_record: dict) -> None:
     assert all(s["has_image"] for s in ref)
 
 
-def test_ddp_two_processes_match_one(tmp_path, single):
-    ranks = launch({**COMMON, "strategy": "ddp", "out": str(tmp_path / "ddp")})
-    assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["world_size"] == 2
-    check_matches_single(ranks, single[0])
-
-
-def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
-    """FSDP2 (with per-layer activation checkpointing): same trajectory; resumed from the step-4 sharded checkpoint
-    (after the transition, at an epoch end) it continues with identical losses; the exported directory gives the
-    sharded model's logits."""
-    from cornstarch.lit.cli import CornstarchTrainer
-    from cornstarch.models.multimodal_language_model import MultimodalModel
-
-    config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 2}
-    ranks = launch({**config, "out": str(tmp_path / "a")})
-    assert ranks[0]["strategy"] == "FSDP2Strategy"
-    check_matches_single(ranks, single[0])
-
+def check_resume(config: dict, ranks: list[dict], tmp_path: Path) -> None:
+    """Resumed from the step-4 checkpoint (after the transition, at an epoch end), the run continues exactly."""
     ckpt = tmp_path / "a" / "ckpt" / "step=4.ckpt"
-    assert ckpt.is_dir(), sorted(os.listdir(tmp_path / "a" / "ckpt"))  # one shard per rank
+    assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
     resumed = launch({**config, "out": str(tmp_path / "b"), "resume": str(ckpt)})
     assert [s["step"] for s in resumed[0]["steps"]] == [4, 5]
     for r in (0, 1):
@@ -92,14 +76,42 @@ def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
             want = ranks[r]["steps"][got["step"]]
             assert got["loss"] == want["loss"] and got["sums"] == want["sums"], (r, got["step"])
 
-    # export the final sharded checkpoint as one save_pretrained directory
+
+def check_export(tmp_path: Path, single_out: Path) -> None:
+    """The final checkpoint exported as one save_pretrained directory gives the trained model's logits."""
+    from cornstarch.lit.cli import CornstarchTrainer
+    from cornstarch.models.multimodal_language_model import MultimodalModel
+
     final = tmp_path / "a" / "ckpt" / f"step={STEPS}.ckpt"
     CornstarchTrainer(accelerator="cpu", logger=False).export(dr.make_module(), ckpt_path=str(final),
                                                               output_dir=str(tmp_path / "exported"))
     model = MultimodalModel.from_pretrained(str(tmp_path / "exported")).eval()
-    sharded = torch.load(tmp_path / "a" / "logits.pt", weights_only=False)
+    trained = torch.load(tmp_path / "a" / "logits.pt", weights_only=False)  # computed by the (sharded) model
     with torch.no_grad():
-        logits = model(**sharded["inputs"]).logits
-    torch.testing.assert_close(logits, sharded["logits"], rtol=0, atol=1e-6)
-    unsharded = torch.load(single[1] / "logits.pt", weights_only=False)["logits"]
+        logits = model(**trained["inputs"]).logits
+    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-6)
+    unsharded = torch.load(single_out / "logits.pt", weights_only=False)["logits"]
     torch.testing.assert_close(logits, unsharded, rtol=0, atol=1e-4)
+
+
+def test_ddp_two_processes_match_one_resume_and_export(tmp_path, single):
+    config = {**COMMON, "strategy": "ddp", "checkpoint_every": 2}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["world_size"] == 2
+    check_matches_single(ranks, single[0])
+    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_file()  # one file
+    check_resume(config, ranks, tmp_path)
+    check_export(tmp_path, single[1])
+
+
+def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
+    """FSDP2 (with per-layer activation checkpointing): same trajectory; resumed from the step-4 sharded checkpoint
+    (after the transition, at an epoch end) it continues with identical losses; the exported directory gives the
+    sharded model's logits."""
+    config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 2}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    assert ranks[0]["strategy"] == "FSDP2Strategy"
+    check_matches_single(ranks, single[0])
+    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_dir()  # one shard per rank
+    check_resume(config, ranks, tmp_path)
+    check_export(tmp_path, single[1])
