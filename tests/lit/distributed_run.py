@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from cornstarch.data.datamodule import MultimodalDataModule  # noqa: E402
 from cornstarch.data.demo import digits_vlm_dataset  # noqa: E402
 from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
-from cornstarch.lit.module import MultimodalLitModule  # noqa: E402
+from cornstarch.lit.module import LoraSpec, MultimodalLitModule  # noqa: E402
 from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
 from cornstarch.lit.schedule import Stage, components  # noqa: E402
 from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec  # noqa: E402
@@ -35,9 +35,11 @@ from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec  # no
 TRANSITION = 2  # the tower and the LM start training at this step (epoch 1 with 16 samples and global batch 8)
 SCHEDULE = [Stage(train=["vision.projector"], start=0, name="align"),
             Stage(train=["vision.module", "vision.projector", "language_model"], start=TRANSITION, name="finetune")]
+LORA_SCHEDULE = [Stage(train=["vision.projector"], start=0, name="align"),
+                 Stage(train=["vision.projector", "lora"], start=TRANSITION, name="adapters")]
 
 
-def make_module(layers: int = 2, gradient_checkpointing: bool = False) -> MultimodalLitModule:
+def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: bool = False) -> MultimodalLitModule:
     """Tiny CLIP-style tower (features from layer -2, CLS dropped: its last layer and post_layernorm are unused) +
     tiny Llama with tied embeddings."""
     vision = EncoderSpec(
@@ -56,7 +58,8 @@ def make_module(layers: int = 2, gradient_checkpointing: bool = False) -> Multim
                               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return MultimodalLitModule(
         encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.data.demo:build_tokenizer",
-        projector_type="mlp", freeze_schedule=SCHEDULE, gradient_checkpointing=gradient_checkpointing,
+        projector_type="mlp", gradient_checkpointing=gradient_checkpointing,
+        freeze_schedule=LORA_SCHEDULE if lora else SCHEDULE, lora=LoraSpec(r=2) if lora else None,
         optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": 5e-4}, warmup_steps=1, schedule="cosine"))
 
 
@@ -111,12 +114,13 @@ def run(config: dict) -> dict:
 
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
-    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``.
+    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``.
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
     devices = config.get("devices", 1)
-    module = make_module(gradient_checkpointing=config.get("gradient_checkpointing", False))
+    module = make_module(gradient_checkpointing=config.get("gradient_checkpointing", False),
+                         lora=config.get("lora", False))
     n_train = config.get("n_train", 16)
     text_only = ([] if config.get("text_only_step") is None else
                  rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))

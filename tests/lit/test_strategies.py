@@ -115,3 +115,17 @@ def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
     assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_dir()  # one shard per rank
     check_resume(config, ranks, tmp_path)
     check_export(tmp_path, single[1])
+
+
+def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
+    """LoRA adapters (their own FSDP2 units inside frozen decoder layers) join at step 2: same losses as one
+    process, frozen base weights never get gradients, the LM's base weights never change."""
+    config = {**COMMON, "steps": 4, "lora": True, "limit_val_batches": 0}
+    one = dr.run({**config, "batch_size": 2 * BATCH, "out": str(tmp_path / "single")})
+    ranks = launch({**config, "strategy": "fsdp2", "out": str(tmp_path / "a")})
+    for step, (r0, r1, ref) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one["steps"])):
+        assert abs((r0["loss"] + r1["loss"]) / 2 - ref["loss"]) < 1e-5, step
+        assert r0["frozen_grads_none"] and r1["frozen_grads_none"]
+        assert r0["sums"]["language_model"] == ranks[0]["steps"][0]["sums"]["language_model"]
+        assert abs(r0["sums"]["lora"] - ref["sums"]["lora"]) < 1e-5
+    assert ranks[0]["steps"][-1]["sums"]["lora"] != ranks[0]["steps"][0]["sums"]["lora"]  # adapters trained
