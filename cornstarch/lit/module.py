@@ -296,7 +296,8 @@ class MultimodalLitModule(L.LightningModule):
         exact = self.metrics[f"{split}_exact_match"] if f"{split}_exact_match" in self.metrics else None
         if exact is not None and exact.update_count > 0:
             values[f"{split}/exact_match"] = exact.compute()
-        self.log_dict(values, prog_bar=split != "train", sync_dist=False)
+        # torchmetrics already reduced these over ranks; syncing identical values keeps Lightning from warning
+        self.log_dict(values, prog_bar=split != "train", sync_dist=world_size(self._trainer) > 1)
 
     def _reset(self, split: str) -> None:
         """Reset a split's metrics at its epoch start (outside validate's inference mode, so state stays usable)."""
