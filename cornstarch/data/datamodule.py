@@ -310,16 +310,20 @@ class MultimodalDataModule(L.LightningDataModule):
         else:
             dataset, collate = IndexedDataset(self.datasets[split]), collator
         sampler = None
+        ranks = self._ranks()
         if train and self.pack:
+            if ranks:
+                raise ValueError("pack=True runs in one process for now (its batch sampler is not dealt out to "
+                                 "ranks); under DDP/FSDP use group_by_length=True instead.")
             pad_id = self._processor().tokenizer.pad_token_id or 0
             batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed)
             return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                               collate_fn=WithSupervisedPositions(PackingCollate(collate, self.max_length, pad_id)),
                               persistent_workers=self.num_workers > 0)
         if train and self.group_by_length:
-            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed)
+            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
         elif train:
-            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed)
+            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
         return DataLoader(
             dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
             collate_fn=WithSupervisedPositions(collate) if train else collate, num_workers=self.num_workers,
@@ -331,6 +335,18 @@ class MultimodalDataModule(L.LightningDataModule):
         if split not in self.lengths:
             self.datasets[split] = self._measure(split, self.datasets[split])
         return self.lengths[split]
+
+    def _ranks(self) -> dict[str, int]:
+        """``num_replicas``/``rank`` of the data-parallel group the trainer runs in (one process: empty).
+
+        The training samplers deal one global order out to the ranks, so ``devices=n`` with ``batch_size=b``
+        trains on the batches a single process with ``batch_size=n*b`` would.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return {}
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return {"num_replicas": kwargs.get("num_replicas", trainer.world_size), "rank": kwargs.get("rank", trainer.global_rank)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -5,10 +5,48 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class LengthGroupedSampler(Sampler[int]):
+class _RankShard(DistributedSampler):
+    """Base of the samplers below: one global order per epoch, dealt out to ``num_replicas`` ranks.
+
+    Rank ``r`` takes positions ``r, r + n, r + 2n, …`` of the order (padded by wrapping around to a multiple of
+    ``n``, so every rank has the same number of batches). With a per-rank batch ``b``, step ``k`` of all ranks
+    together covers positions ``k·n·b … (k+1)·n·b − 1``: the samples a single process with batch ``n·b`` sees at
+    step ``k``. Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it in its own.
+    """
+
+    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.num_replicas)  # ceil
+
+    def order(self) -> torch.Tensor:
+        """The global order of this epoch (all ranks)."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        if self.num_replicas > 1:
+            total = len(self) * self.num_replicas
+            if total > len(order):
+                order = torch.cat([order, order[: total - len(order)]]) if len(order) else order
+            order = order[self.rank::self.num_replicas]
+        return iter(order.tolist())
+
+
+class LengthGroupedSampler(_RankShard):
     """Shuffle, then sort by length within mega-batches of ``batch_size * group_size`` samples.
 
     Batches stay random across epochs (seeded by ``seed`` and :meth:`set_epoch`) while each holds samples of
@@ -19,35 +57,30 @@ class LengthGroupedSampler(Sampler[int]):
         batch_size: the loader's batch size.
         group_size: batches per mega-batch.
         seed: base seed of the shuffle.
+        num_replicas, rank: distributed ranks (see ``_RankShard``); the defaults mean one process.
 
     >>> sampler = LengthGroupedSampler([5, 50, 6, 49], batch_size=2, group_size=2, seed=0)
     >>> sorted(list(sampler)) == [0, 1, 2, 3]
     True
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, group_size: int = 50, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, group_size: int = 50, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        super().__init__(len(lengths), seed, num_replicas, rank)
         self.lengths = torch.as_tensor(list(lengths))
-        self.mega = max(1, batch_size * group_size)
-        self.seed = seed
-        self.epoch = 0
+        self.mega = max(1, batch_size * num_replicas * group_size)  # global batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
         groups = [g[torch.argsort(self.lengths[g], descending=True, stable=True)] for g in order.split(self.mega)]
         if groups:
             first = max(range(len(groups)), key=lambda i: int(self.lengths[groups[i][0]]))
             groups[0], groups[first] = groups[first], groups[0]
-        return iter(torch.cat(groups).tolist() if groups else [])
+        return torch.cat(groups) if groups else order
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(_RankShard):
     """A random permutation per epoch, seeded by ``seed + epoch``: the same order after a resume.
 
     Lightning calls :meth:`set_epoch` at each epoch start, so a run resumed from an epoch-boundary checkpoint sees
@@ -59,17 +92,6 @@ class EpochShuffleSampler(Sampler[int]):
     True
     """
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return torch.randperm(self.size, generator=generator)

@@ -20,6 +20,26 @@ from .module import MultimodalLitModule
 SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
 
 
+def load_model_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full (unsharded) module ``state_dict`` of a Lightning checkpoint: a single file (single process, DDP,
+    FSDP with a gathered checkpoint) or a distributed checkpoint directory (FSDP2/FSDP1 sharded), read on CPU
+    without any process group.
+
+    Raises:
+        FileNotFoundError: if ``ckpt_path`` does not exist.
+    """
+    from pathlib import Path
+
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
+    if path.is_dir():
+        return _load_distributed_checkpoint(path)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
 class CornstarchTrainer(L.Trainer):
     """A Lightning ``Trainer`` with an ``export`` entry point."""
 
@@ -30,7 +50,8 @@ class CornstarchTrainer(L.Trainer):
         Args:
             model: the module (built from the config).
             datamodule: unused (accepted so the same config file works).
-            ckpt_path: the Lightning checkpoint to export; ``None`` exports the config's initial weights.
+            ckpt_path: the Lightning checkpoint to export (a file, or the directory a distributed ``fsdp2`` run
+                writes: its shards are consolidated here); ``None`` exports the config's initial weights.
             output_dir: the directory; ``MultimodalModel.from_pretrained`` and ``MultimodalProcessor.from_pretrained``
                 load it.
             merge_lora: fold LoRA adapters into the LM weights.
@@ -40,8 +61,7 @@ class CornstarchTrainer(L.Trainer):
             ``output_dir``.
         """
         if ckpt_path is not None:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-            model.load_state_dict(state)
+            model.load_state_dict(load_model_state(ckpt_path))
         mllm = model.model
         if merge_lora and hasattr(mllm.language_model, "merge_and_unload"):
             mllm.language_model = mllm.language_model.merge_and_unload()

@@ -16,6 +16,7 @@ from ..models.multimodal_language_model.supervised_loss import next_token_target
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
 from .step_in_backward import StepInBackward
+from .strategies import after_freeze_change, prepare_strategy, sharded_fsdp1, world_size
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
@@ -67,7 +68,8 @@ class MultimodalLitModule(L.LightningModule):
         freeze_schedule: stages; each names the components that train (default: all, always).
         lora: LoRA adapters on the LM, or ``None``.
         generation: settings of generation in validation/predict.
-        gradient_checkpointing: recompute activations in backward (less memory, more compute).
+        gradient_checkpointing: recompute activations in backward (less memory, more compute); per encoder and
+            decoder layer, which are also the FSDP units.
 
     Raises:
         ValueError: before any training, for an unknown component in the schedule or LR groups, an unknown
@@ -152,6 +154,34 @@ class MultimodalLitModule(L.LightningModule):
         if index != self.stage_index:
             self._apply_stage(index)
             self._extend_optimizer()
+            after_freeze_change(self.trainer)  # e.g. DDP rebuilds its reducer for the parameters that train now
+
+    def restore_stage(self, index: int) -> None:
+        """Apply a checkpoint's stage and its optimizer groups (strategies that load optimizer state in place
+        call this before loading)."""
+        if index != self.stage_index:
+            self._apply_stage(index)
+        self._extend_optimizer()
+
+    # ----------------------------------------------------------------------------------------------- distributed
+    def setup(self, stage: str) -> None:
+        """Before the strategy wraps the model: distributed runs encode absent modalities on placeholders (every
+        rank runs every encoder, so no rank waits on another's collectives) and DDP tolerates unused parameters."""
+        if world_size(self._trainer) > 1:
+            self.model.encode_absent = True
+            prepare_strategy(self.trainer)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``): ``fully_shard`` the model's units
+        (:mod:`cornstarch.lit.sharding`), with the Trainer precision's mixed-precision policy."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from .sharding import is_fsdp2, shard_fsdp2
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if not is_fsdp2(self.model):
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"], precision=self.trainer.precision)
 
     def on_train_start(self) -> None:
         self._sync_stage()
@@ -224,9 +254,23 @@ class MultimodalLitModule(L.LightningModule):
         batch_size = inputs["input_ids"].shape[0]
         self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
         self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)
-        self.log(f"{split}/loss", out.loss, prog_bar=True, on_step=split == "train", on_epoch=split != "train",
-                 batch_size=batch_size, sync_dist=split != "train")
-        return out.loss
+        loss, ranks = out.loss, world_size(self._trainer)
+        if split == "train" and ranks > 1:
+            loss = self._global_token_mean(loss, n, ranks)
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=split != "train",
+                 batch_size=batch_size, sync_dist=split != "train" or ranks > 1)
+        return loss
+
+    def _global_token_mean(self, loss: torch.Tensor, n: torch.Tensor, ranks: int) -> torch.Tensor:
+        """This rank's share of the mean loss over every rank's supervised tokens.
+
+        DDP and FSDP average gradients over ranks, so each rank returns ``its token sum × ranks / all tokens``:
+        the averaged gradient is the gradient of the global token mean, the one a single process computes on
+        the whole global batch (a plain per-rank mean would weight a rank's tokens by its batch's token count).
+        The mean of the returned values over ranks is that global loss.
+        """
+        total = self.trainer.strategy.reduce(n.detach().to(loss.dtype).clone(), reduce_op="sum")
+        return loss * (n * ranks / total)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         inputs, _ = self._split(batch)
@@ -240,9 +284,13 @@ class MultimodalLitModule(L.LightningModule):
         ids, mask = extras.get("prompt_input_ids", inputs["input_ids"]), extras.get("prompt_attention_mask",
                                                                                      inputs["attention_mask"])
         tok = self.processor.tokenizer
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.generation.max_new_tokens,
-                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  **modality)
+        from .sharding import gathered_root
+
+        with gathered_root(self.model) as sharded:
+            synced = sharded or sharded_fsdp1(self._trainer)  # sharded ranks step together until all are done
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.generation.max_new_tokens,
+                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      **({"synced_gpus": True} if synced else {}), **modality)
         return [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
     def _evaluate(self, split: str, batch: dict[str, Any]) -> None:
@@ -275,7 +323,8 @@ class MultimodalLitModule(L.LightningModule):
         exact = self.metrics[f"{split}_exact_match"] if f"{split}_exact_match" in self.metrics else None
         if exact is not None and exact.update_count > 0:
             values[f"{split}/exact_match"] = exact.compute()
-        self.log_dict(values, prog_bar=split != "train", sync_dist=False)
+        # torchmetrics already reduced these over ranks; syncing identical values keeps Lightning from warning
+        self.log_dict(values, prog_bar=split != "train", sync_dist=world_size(self._trainer) > 1)
 
     def _reset(self, split: str) -> None:
         """Reset a split's metrics at its epoch start (outside validate's inference mode, so state stays usable)."""

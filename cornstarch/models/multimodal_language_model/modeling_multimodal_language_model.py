@@ -348,6 +348,8 @@ class MultimodalModel(nn.Module):
             setattr(self, f"{key}_encoder", encoder)
         self._encoder_keys = tuple(encoders)
         self.modality_token_ids: dict[str, int] = {}
+        # Distributed training sets this: encoders without inputs then run on a placeholder item (zero features).
+        self.encode_absent = False
         self._lm_arguments: frozenset[str] | None = None
         # In training with labels, compute the LM head and loss only at supervised positions (see forward).
         self.supervised_logits_only = True
@@ -440,19 +442,30 @@ class MultimodalModel(nn.Module):
         return {k: d for k, d in routed.items() if _has_items(d)}, rest
 
     def encode(self, routed: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Run each encoder that has inputs; features ``[n_features, llm_hidden]`` per modality.
+        """Run each encoder that has inputs, in encoder order; features ``[n_features, llm_hidden]`` per modality.
+
+        With ``encode_absent`` (set for distributed training), an encoder without inputs runs on a placeholder
+        item (:func:`cornstarch.models.dummy_inputs.dummy_inputs`) and contributes its features sliced to zero
+        rows: the merge is unchanged, its parameters join the graph with zero gradients, and every rank runs the
+        same encoders in the same order.
 
         Raises:
             ValueError: for a modality whose placeholder token id was never set.
         """
         features = {}
-        for key, inputs in routed.items():
+        keys = self._encoder_keys if self.encode_absent else tuple(routed)
+        for key in keys:
+            if key not in routed:  # only with encode_absent
+                from ..dummy_inputs import dummy_inputs
+
+                features[key] = self.encoders[key](**dummy_inputs(self.encoders[key]))[:0]  # [0, llm_hidden]
+                continue
             if key not in self.modality_token_ids:
                 raise ValueError(
                     f"Modality {key!r} has inputs but no token id: call set_modality_token_ids({{{key!r}: id}}) "
                     "(MultimodalProcessor does it when given the model)."
                 )
-            features[key] = self.encoders[key](**inputs)
+            features[key] = self.encoders[key](**routed[key])
         return features
 
     def embed(

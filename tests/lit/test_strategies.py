@@ -1,0 +1,131 @@
+"""DDP and FSDP2 with 2 CPU processes against one process on the same global batches; FSDP2 resume and export.
+
+Each distributed scenario is one run of ``tests/lit/distributed_run.py`` launched by Lightning itself (bounded by a
+subprocess timeout, so a hang fails the test): 16 digits, per-rank batch 4 (global 8), 6 steps, only the projector
+training until step 2 and tower + LM from then on, and at step 1 rank 1's batch has no image. The reference is the same script in this process with
+batch 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.lit import distributed_run as dr
+
+SCRIPT = Path(dr.__file__)
+STEPS, BATCH, TEXT_ONLY_STEP = 6, 4, 1
+COMMON = {"batch_size": BATCH, "steps": STEPS, "text_only_step": TEXT_ONLY_STEP, "text_only_batch": BATCH,
+          "limit_val_batches": 1}
+TIMEOUT = 300
+
+
+def launch(config: dict) -> list[dict]:
+    """Run the script with 2 CPU processes; the records of rank 0 and rank 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(dr.REPO)}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps({"devices": 2, **config})], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=str(dr.REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = Path(config["out"])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, batch 8: the reference trajectory."""
+    out = tmp_path_factory.mktemp("single")
+    record = dr.run({**COMMON, "batch_size": 2 * BATCH, "out": str(out)})
+    return record, out
+
+
+def check_matches_single(ranks: list[dict], single_record: dict) -> None:
+    ref = single_record["steps"]
+    assert [s["step"] for s in ranks[0]["steps"]] == list(range(STEPS))
+    for step, (r0, r1, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], ref)):
+        # the mean of the ranks' returned losses is the global token-mean loss
+        assert abs((r0["loss"] + r1["loss"]) / 2 - one["loss"]) < 1e-5, (step, r0["loss"], r1["loss"], one["loss"])
+        assert r0["stage"] == r1["stage"] == one["stage"] == (0 if step < dr.TRANSITION else 1)
+        # frozen parameters never get a gradient, on any rank (tower and LM in stage 0)
+        assert r0["frozen_grads_none"] and r1["frozen_grads_none"], step
+        assert (r0["n_frozen"] > 0) == (step < dr.TRANSITION)
+        # the ranks hold identical parameters, across the transition, equal to the single process's
+        assert r0["sums"] == r1["sums"], step
+        for name, value in one["sums"].items():
+            assert abs(r0["sums"][name] - value) < 1e-4, (step, name, r0["sums"][name], value)
+    # the step where rank 1's batch had no image really happened (and completed)
+    assert ranks[0]["steps"][TEXT_ONLY_STEP]["has_image"] and not ranks[1]["steps"][TEXT_ONLY_STEP]["has_image"]
+    assert all(s["has_image"] for s in ref)
+
+
+def check_resume(config: dict, ranks: list[dict], tmp_path: Path) -> None:
+    """Resumed from the step-4 checkpoint (after the transition, at an epoch end), the run continues exactly."""
+    ckpt = tmp_path / "a" / "ckpt" / "step=4.ckpt"
+    assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
+    resumed = launch({**config, "out": str(tmp_path / "b"), "resume": str(ckpt)})
+    assert [s["step"] for s in resumed[0]["steps"]] == [4, 5]
+    for r in (0, 1):
+        for got in resumed[r]["steps"]:
+            want = ranks[r]["steps"][got["step"]]
+            assert got["loss"] == want["loss"] and got["sums"] == want["sums"], (r, got["step"])
+
+
+def check_export(tmp_path: Path, single_out: Path) -> None:
+    """The final checkpoint exported as one save_pretrained directory gives the trained model's logits."""
+    from cornstarch.lit.cli import CornstarchTrainer
+    from cornstarch.models.multimodal_language_model import MultimodalModel
+
+    final = tmp_path / "a" / "ckpt" / f"step={STEPS}.ckpt"
+    CornstarchTrainer(accelerator="cpu", logger=False).export(dr.make_module(), ckpt_path=str(final),
+                                                              output_dir=str(tmp_path / "exported"))
+    model = MultimodalModel.from_pretrained(str(tmp_path / "exported")).eval()
+    trained = torch.load(tmp_path / "a" / "logits.pt", weights_only=False)  # computed by the (sharded) model
+    with torch.no_grad():
+        logits = model(**trained["inputs"]).logits
+    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-6)
+    unsharded = torch.load(single_out / "logits.pt", weights_only=False)["logits"]
+    torch.testing.assert_close(logits, unsharded, rtol=0, atol=1e-4)
+
+
+def test_ddp_two_processes_match_one_resume_and_export(tmp_path, single):
+    config = {**COMMON, "strategy": "ddp", "checkpoint_every": 2}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["world_size"] == 2
+    check_matches_single(ranks, single[0])
+    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_file()  # one file
+    check_resume(config, ranks, tmp_path)
+    check_export(tmp_path, single[1])
+
+
+def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
+    """FSDP2 (with per-layer activation checkpointing): same trajectory; resumed from the step-4 sharded checkpoint
+    (after the transition, at an epoch end) it continues with identical losses; the exported directory gives the
+    sharded model's logits."""
+    config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 2}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    assert ranks[0]["strategy"] == "FSDP2Strategy"
+    check_matches_single(ranks, single[0])
+    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_dir()  # one shard per rank
+    check_resume(config, ranks, tmp_path)
+    check_export(tmp_path, single[1])
+
+
+def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
+    """LoRA adapters (their own FSDP2 units inside frozen decoder layers) join at step 2: same losses as one
+    process, frozen base weights never get gradients, the LM's base weights never change."""
+    config = {**COMMON, "steps": 4, "lora": True, "limit_val_batches": 0}
+    one = dr.run({**config, "batch_size": 2 * BATCH, "out": str(tmp_path / "single")})
+    ranks = launch({**config, "strategy": "fsdp2", "out": str(tmp_path / "a")})
+    for step, (r0, r1, ref) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one["steps"])):
+        assert abs((r0["loss"] + r1["loss"]) / 2 - ref["loss"]) < 1e-5, step
+        assert r0["frozen_grads_none"] and r1["frozen_grads_none"]
+        assert r0["sums"]["language_model"] == ranks[0]["steps"][0]["sums"]["language_model"]
+        assert abs(r0["sums"]["lora"] - ref["sums"]["lora"]) < 1e-5
+    assert ranks[0]["steps"][-1]["sums"]["lora"] != ranks[0]["steps"][0]["sums"]["lora"]  # adapters trained
