@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
 from torchmetrics import MeanMetric
 
@@ -15,6 +16,7 @@ from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from ..models.multimodal_language_model.supervised_loss import next_token_targets
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage, components
+from .sharding import gathered_root, is_fsdp2, shard_fsdp2
 from .step_in_backward import StepInBackward
 from .strategies import after_freeze_change, prepare_strategy, sharded_fsdp1, world_size
 
@@ -174,10 +176,6 @@ class MultimodalLitModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``): ``fully_shard`` the model's units
         (:mod:`cornstarch.lit.sharding`), with the Trainer precision's mixed-precision policy."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        from .sharding import is_fsdp2, shard_fsdp2
-
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         if not is_fsdp2(self.model):
@@ -284,8 +282,6 @@ class MultimodalLitModule(L.LightningModule):
         ids, mask = extras.get("prompt_input_ids", inputs["input_ids"]), extras.get("prompt_attention_mask",
                                                                                      inputs["attention_mask"])
         tok = self.processor.tokenizer
-        from .sharding import gathered_root
-
         with gathered_root(self.model) as sharded:
             synced = sharded or sharded_fsdp1(self._trainer)  # sharded ranks step together until all are done
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.generation.max_new_tokens,

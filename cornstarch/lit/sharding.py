@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.wrap import CustomPolicy
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .schedule import components
 
@@ -138,7 +141,6 @@ def unit_components(model: nn.Module, units: list[Unit]) -> dict[str, set[str]]:
 def checkpointed_layers(units: list[Unit]) -> list[nn.Module]:
     """The layers activation checkpointing recomputes: the layer units that transformers itself checkpoints
     (``GradientCheckpointingLayer``: encoder and decoder layers), else every layer unit."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [u.module for u in units if u.kind == "layer"]
     hf = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
@@ -155,7 +157,6 @@ def mixed_precision_policy(precision: str | None) -> Any:
     >>> mixed_precision_policy("32-true") is None
     True
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
     return None if half is None else MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
@@ -175,7 +176,6 @@ def shard_fsdp2(model: nn.Module, mesh: Any, precision: str | None = None) -> li
     Returns:
         The units.
     """
-    from torch.distributed.fsdp import fully_shard
 
     units = wrap_units(model)
     policy = mixed_precision_policy(precision)
@@ -188,7 +188,6 @@ def shard_fsdp2(model: nn.Module, mesh: Any, precision: str | None = None) -> li
 def refresh_fsdp2(model: nn.Module) -> None:
     """After ``requires_grad`` changed (a freeze-schedule transition): let each FSDP2 unit re-derive its
     gradient dtypes (it set them from the parameters that were trainable when it first ran)."""
-    from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -198,7 +197,6 @@ def refresh_fsdp2(model: nn.Module) -> None:
 
 
 def is_fsdp2(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 
@@ -215,7 +213,6 @@ def fsdp1_policies(model: nn.Module) -> tuple[Any, Any, bool]:
     Returns:
         ``(auto_wrap_policy, activation_checkpointing_policy, use_orig_params)``.
     """
-    from torch.distributed.fsdp.wrap import CustomPolicy
 
     units = wrap_units(model, root=False)
     unit_ids = {id(u.module) for u in units}

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .sharding import fsdp1_policies, refresh_fsdp2
 
@@ -70,7 +73,6 @@ def fill_adam_state(optimizer: Any) -> None:
     (torch initialises every state before loading). A zero state at step 0 is exactly what Adam creates at its
     first gradient, so filling it changes no update.
     """
-    import torch
 
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return
@@ -85,8 +87,6 @@ def fill_adam_state(optimizer: Any) -> None:
 
 def _saved_stage(path: Path) -> int | None:
     """The ``cornstarch_stage`` a checkpoint (file, or distributed checkpoint directory) was saved in."""
-    import torch
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     meta = path / _METADATA_FILENAME if path.is_dir() else path
     if not meta.is_file():
@@ -168,7 +168,6 @@ def after_freeze_change(trainer: L.Trainer) -> None:
     now (parameters unfrozen later would otherwise never be averaged, and ones frozen later make DDP fail).
     FSDP2: units are per component, so requires_grad flips whole units; each unit re-derives its gradient dtypes.
     """
-    from torch.nn.parallel import DistributedDataParallel
 
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
