@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
 from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
-from .packing import PackedBatchSampler, PackingCollate, WithSupervisedPositions
+from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger(__name__)
@@ -312,12 +312,10 @@ class MultimodalDataModule(L.LightningDataModule):
         sampler = None
         ranks = self._ranks()
         if train and self.pack:
-            if ranks:
-                raise ValueError("pack=True runs in one process for now (its batch sampler is not dealt out to "
-                                 "ranks); under DDP/FSDP use group_by_length=True instead.")
             pad_id = self._processor().tokenizer.pad_token_id or 0
-            batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed)
-            return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+            batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed,
+                                         **ranks)
+            return DataLoader(BatchIndexed(dataset), sampler=batches, batch_size=None, num_workers=self.num_workers,
                               collate_fn=WithSupervisedPositions(PackingCollate(collate, self.max_length, pad_id)),
                               persistent_workers=self.num_workers > 0)
         if train and self.group_by_length:

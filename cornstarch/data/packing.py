@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from ..models.multimodal_language_model.supervised_loss import supervised_positions
@@ -127,45 +127,73 @@ def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
     return packed, sample_of_token
 
 
-class PackedBatchSampler(Sampler[list[int]]):
+class PackedBatchSampler(DistributedSampler):
     """Batches of whole rows: the samples of ``rows_per_batch`` packed rows, row after row.
 
     Rows come from :func:`first_fit_decreasing` over the epoch's shuffle (seed + epoch), so equal-length samples
     change partners between epochs, and the rows are shuffled; the number of rows depends only on the lengths, so
     every epoch has the same number of batches. Collate a batch, then :func:`pack_batch` it with the same capacity.
 
+    With ``num_replicas`` ranks, step ``k`` of rank ``r`` takes rows ``r·b … (r+1)·b − 1`` of the ``n·b`` rows a
+    single process with ``rows_per_batch = n·b`` would take at step ``k`` (rows wrap around so that every rank has
+    the same number of batches). It yields lists of indices: use it as a ``DataLoader``'s ``sampler`` with
+    ``batch_size=None`` over a dataset indexed by lists (:class:`BatchIndexed`); being a ``DistributedSampler``,
+    Lightning keeps it as it is.
+
     Args:
         lengths: token length of each sample.
         capacity: tokens per row.
-        rows_per_batch: rows per batch (the loader's batch size).
+        rows_per_batch: rows per batch of each rank.
         seed: base seed.
+        num_replicas, rank: the data-parallel ranks (default: one process).
 
     >>> sampler = PackedBatchSampler([5, 2, 4, 3, 1], capacity=6, rows_per_batch=2)
     >>> len(sampler), sorted(i for batch in sampler for i in batch)
     (2, [0, 1, 2, 3, 4])
     """
 
-    def __init__(self, lengths: Sequence[int], capacity: int, rows_per_batch: int, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], capacity: int, rows_per_batch: int, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
         self.lengths = np.asarray(lengths)
         self.capacity = capacity
         self.rows_per_batch = rows_per_batch
         self.seed = seed
         self.epoch = 0
+        self.num_replicas, self.rank = num_replicas, rank
         self._rows = len(first_fit_decreasing(self.lengths, capacity))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self._rows // self.rows_per_batch)
+        return -(-self._rows // (self.rows_per_batch * self.num_replicas))
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).numpy()
         rows = [order[row].tolist() for row in first_fit_decreasing(self.lengths[order], self.capacity)]
-        shuffled = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(rows), self.rows_per_batch):
-            yield [i for r in shuffled[start:start + self.rows_per_batch] for i in rows[r]]
+        rows = [rows[r] for r in torch.randperm(len(rows), generator=generator).tolist()]
+        per_step = self.rows_per_batch * self.num_replicas
+        if self.num_replicas > 1:  # every rank the same number of batches: wrap around
+            rows = [rows[i % len(rows)] for i in range(len(self) * per_step)]
+        for start in range(0, len(rows), per_step):
+            mine = rows[start + self.rank * self.rows_per_batch:start + (self.rank + 1) * self.rows_per_batch]
+            yield [i for row in mine for i in row]
+
+
+class BatchIndexed(torch.utils.data.Dataset):
+    """A dataset indexed by lists of indices (``dataset.__getitems__``), for samplers that yield whole batches."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        return self.dataset.__getitems__(indices)
 
 
 class PackingCollate:

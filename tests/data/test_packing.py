@@ -122,3 +122,13 @@ def test_data_module_packs_train_batches_and_lightning_trains_on_them(tmp_path):
 def test_pack_needs_max_length():
     with pytest.raises(ValueError, match="pack=True needs max_length"):
         MultimodalDataModule(pack=True)
+
+
+def test_ranks_share_the_rows_of_one_process():
+    lengths = [int(n) for n in torch.randint(5, 60, (40,), generator=torch.Generator().manual_seed(1))]
+    one = list(PackedBatchSampler(lengths, capacity=64, rows_per_batch=4, seed=3))
+    ranks = [list(PackedBatchSampler(lengths, capacity=64, rows_per_batch=2, seed=3, num_replicas=2, rank=r))
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for step, batch in enumerate(one[:-1]):  # the last global step may wrap around
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(batch)

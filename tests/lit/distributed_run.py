@@ -114,7 +114,8 @@ def run(config: dict) -> dict:
 
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
-    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``.
+    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``, ``data`` (more
+    ``MultimodalDataModule`` arguments, e.g. packing).
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
@@ -126,7 +127,7 @@ def run(config: dict) -> dict:
                  rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))
     data = MultimodalDataModule(train=make_dataset(n_train, text_only),
                                 val=digits_vlm_dataset("validation", image_size=8, n=8),
-                                batch_size=config["batch_size"], eval_batch_size=4)
+                                batch_size=config["batch_size"], eval_batch_size=4, **config.get("data", {}))
     recorder = Recorder()
     callbacks = [recorder]
     out = Path(config["out"])

@@ -129,3 +129,17 @@ def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
         assert r0["sums"]["language_model"] == ranks[0]["steps"][0]["sums"]["language_model"]
         assert abs(r0["sums"]["lora"] - ref["sums"]["lora"]) < 1e-5
     assert ranks[0]["steps"][-1]["sums"]["lora"] != ranks[0]["steps"][0]["sums"]["lora"]  # adapters trained
+
+
+def test_ddp_packed_rows_match_one_process(tmp_path):
+    """pack=True under DDP: each rank packs its share of the rows a single process with twice the rows per batch
+    packs (16 digits of ~33 tokens: 6 rows of 100 tokens, 3 global steps of 2 rows per epoch, no wrap-around),
+    with the same losses step for step."""
+    config = {**COMMON, "steps": 4, "batch_size": 1, "text_only_step": None, "limit_val_batches": 0,
+              "data": {"pack": True, "max_length": 100}}
+    one = dr.run({**config, "batch_size": 2, "out": str(tmp_path / "single")})
+    ranks = launch({**config, "strategy": "ddp", "out": str(tmp_path / "a")})
+    assert [s["step"] for s in ranks[0]["steps"]] == list(range(4))
+    for step, (r0, r1, ref) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one["steps"])):
+        assert abs((r0["loss"] + r1["loss"]) / 2 - ref["loss"]) < 1e-5, (step, r0["loss"], r1["loss"], ref["loss"])
+        assert r0["sums"] == r1["sums"], step
