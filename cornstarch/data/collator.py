@@ -241,6 +241,12 @@ class MultimodalCollator:
             columns[name] = [arrays[i] for i in keep]
         return columns, shared
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding fills rows with: the tokenizer's pad token, else 0."""
+        pad_id = self.processor.tokenizer.pad_token_id
+        return 0 if pad_id is None else pad_id
+
     def pad(self, columns: Mapping[str, Any] | pa.Table) -> dict[str, Any]:
         """Pad and stack encoded samples (columns of :meth:`encode`, or a ``pyarrow.Table`` of them) into a batch.
 
@@ -253,8 +259,7 @@ class MultimodalCollator:
             concatenated over the batch's items (``pixel_values`` ``[items, channels, height, width]``, …).
         """
         names = columns.column_names if isinstance(columns, pa.Table) else list(columns)
-        pad_id = self.processor.tokenizer.pad_token_id
-        pad_id = 0 if pad_id is None else pad_id
+        pad_id = self.pad_token_id
         ids, lengths = _tokens(columns["input_ids"])
         batch = {}
         batch["input_ids"], batch["attention_mask"] = _pad_tokens(ids, lengths, pad_id, self.padding_side)

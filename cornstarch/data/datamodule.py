@@ -312,11 +312,11 @@ class MultimodalDataModule(L.LightningDataModule):
         sampler = None
         ranks = self._ranks()
         if train and self.pack:
-            pad_id = self._processor().tokenizer.pad_token_id or 0
             batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed,
                                          **ranks)
+            packing = PackingCollate(collate, self.max_length, collator.pad_token_id)
             return DataLoader(BatchIndexed(dataset), sampler=batches, batch_size=None, num_workers=self.num_workers,
-                              collate_fn=WithSupervisedPositions(PackingCollate(collate, self.max_length, pad_id)),
+                              collate_fn=WithSupervisedPositions(packing),
                               persistent_workers=self.num_workers > 0)
         if train and self.group_by_length:
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)

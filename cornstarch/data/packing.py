@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
 from ..models.multimodal_language_model.supervised_loss import supervised_positions
+from .sampling import RankShard
 
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -98,11 +98,9 @@ def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
     if not bool((mask == (torch.arange(mask.shape[1]) < torch.as_tensor(lengths)[:, None])).all()):
         raise ValueError("pack_batch needs right-padded samples (padding_side='right').")
     capacity = capacity or mask.shape[1]
-    rows = next_fit_rows(lengths, capacity)  # [batch]
-    starts = np.zeros_like(lengths)  # each sample's first column in its row
-    for row in np.unique(rows):
-        members = np.flatnonzero(rows == row)
-        starts[members] = np.concatenate([[0], np.cumsum(lengths[members])[:-1]])
+    rows = next_fit_rows(lengths, capacity)  # [batch], non-decreasing
+    begins = np.cumsum(lengths) - lengths  # each sample's offset in the concatenation of all samples
+    starts = begins - begins[np.searchsorted(rows, rows)]  # ... and in its row (minus its row's first sample's)
     n_rows = int(rows.max()) + 1 if len(rows) else 0
     # every real token: (sample, column in sample) → (row, start + column)
     sample, column = mask.nonzero(as_tuple=True)  # [n_tokens] each, sample-major
@@ -127,7 +125,7 @@ def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
     return packed, sample_of_token
 
 
-class PackedBatchSampler(DistributedSampler):
+class PackedBatchSampler(RankShard):
     """Batches of whole rows: the samples of ``rows_per_batch`` packed rows, row after row.
 
     Rows come from :func:`first_fit_decreasing` over the epoch's shuffle (seed + epoch), so equal-length samples
@@ -154,18 +152,11 @@ class PackedBatchSampler(DistributedSampler):
 
     def __init__(self, lengths: Sequence[int], capacity: int, rows_per_batch: int, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
+        super().__init__(len(lengths), seed, num_replicas, rank)
         self.lengths = np.asarray(lengths)
         self.capacity = capacity
         self.rows_per_batch = rows_per_batch
-        self.seed = seed
-        self.epoch = 0
-        self.num_replicas, self.rank = num_replicas, rank
         self._rows = len(first_fit_decreasing(self.lengths, capacity))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return -(-self._rows // (self.rows_per_batch * self.num_replicas))

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
-class _RankShard(DistributedSampler):
+class RankShard(DistributedSampler):
     """Base of the samplers below: one global order per epoch, dealt out to ``num_replicas`` ranks.
 
     Rank ``r`` takes positions ``r, r + n, r + 2n, …`` of the order (padded by wrapping around to a multiple of
@@ -46,7 +46,7 @@ class _RankShard(DistributedSampler):
         return iter(order.tolist())
 
 
-class LengthGroupedSampler(_RankShard):
+class LengthGroupedSampler(RankShard):
     """Shuffle, then sort by length within mega-batches of ``batch_size * group_size`` samples.
 
     Batches stay random across epochs (seeded by ``seed`` and :meth:`set_epoch`) while each holds samples of
@@ -57,7 +57,7 @@ class LengthGroupedSampler(_RankShard):
         batch_size: the loader's batch size.
         group_size: batches per mega-batch.
         seed: base seed of the shuffle.
-        num_replicas, rank: distributed ranks (see ``_RankShard``); the defaults mean one process.
+        num_replicas, rank: distributed ranks (see ``RankShard``); the defaults mean one process.
 
     >>> sampler = LengthGroupedSampler([5, 50, 6, 49], batch_size=2, group_size=2, seed=0)
     >>> sorted(list(sampler)) == [0, 1, 2, 3]
@@ -80,7 +80,7 @@ class LengthGroupedSampler(_RankShard):
         return torch.cat(groups) if groups else order
 
 
-class EpochShuffleSampler(_RankShard):
+class EpochShuffleSampler(RankShard):
     """A random permutation per epoch, seeded by ``seed + epoch``: the same order after a resume.
 
     Lightning calls :meth:`set_epoch` at each epoch start, so a run resumed from an epoch-boundary checkpoint sees

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import MultimodalDataModule
@@ -28,10 +30,6 @@ def load_model_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError: if ``ckpt_path`` does not exist.
     """
-    from pathlib import Path
-
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import MeanMetric
 
 from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
@@ -213,10 +213,7 @@ class MultimodalLitModule(L.LightningModule):
         checkpoint["cornstarch_stage"] = self.stage_index
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        index = checkpoint.get("cornstarch_stage", 0)
-        if index != self.stage_index:
-            self._apply_stage(index)
-        self._extend_optimizer()  # when the strategy restores after configure_optimizers
+        self.restore_stage(checkpoint.get("cornstarch_stage", 0))  # after configure_optimizers: groups join too
 
     def configure_optimizers(self) -> dict[str, Any]:
         parts = components(self.model)

@@ -59,7 +59,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             module.restore_stage(stage)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
-
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         fill_adam_state(getattr(optimizer, "_optimizer", optimizer))
         return super().optimizer_state(optimizer)

@@ -49,13 +49,13 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def truncate_after(model: nn.Module, feature_layer: int) -> nn.Module:
+def truncate_after(model: nn.Module, feature_layer: int) -> str:
     """Drop the layers after ``feature_layer`` (an index into the layer list: -1 the last, -2 the one before).
 
     The config's layer count is updated, so ``save_pretrained``/``from_pretrained`` rebuild the truncated encoder.
 
     Returns:
-        The layer that is now the last one.
+        The dotted path of the (now shorter) layer list, whose last layer is the selected one.
 
     Raises:
         ValueError: for an index outside ``[-n_layers, -1]``, an encoder that pools after its layers, or a config
@@ -71,7 +71,7 @@ def truncate_after(model: nn.Module, feature_layer: int) -> nn.Module:
         raise ValueError(f"{type(model).__name__} pools after its layers, so an inner layer yields another feature "
                          "count; select its features with a postprocess_module_callback.")
     if feature_layer == -1:
-        return layers[-1]
+        return path
     count_field = next((f for f in LAYER_COUNT_FIELDS if getattr(config, f, None) == n), None)
     if count_field is None:
         raise ValueError(f"{type(config).__name__} has no layer count ({', '.join(LAYER_COUNT_FIELDS)}) equal to "
@@ -85,7 +85,7 @@ def truncate_after(model: nn.Module, feature_layer: int) -> nn.Module:
     for module in model.modules():
         if getattr(module, "config", None) is config:
             module.config = truncated
-    return layer_stack(model)[1][-1]
+    return path
 
 
 class LayerOutput:

@@ -51,7 +51,6 @@ def penultimate_layer(inputs: dict[str, Any], output: Any) -> tuple:
     return (output.hidden_states[-2],)
 
 
-
 @changes_feature_count(lambda n: n - 1)
 def without_cls(inputs: dict[str, Any], output: Any) -> tuple:
     """``postprocess_module_callback`` dropping the first (CLS) token of the encoder output's element 0.

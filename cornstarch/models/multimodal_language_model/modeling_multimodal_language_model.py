@@ -22,7 +22,8 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from ..encoder_layers import LayerOutput, layer_stack, truncate_after
+from ..dummy_inputs import dummy_inputs
+from ..encoder_layers import LayerOutput, truncate_after
 from .configuration_multimodal_language_model import (
     MultimodalModelConfig,
     MultimodalProjectorConfig,
@@ -215,10 +216,7 @@ class ModalEncoderModule(nn.Module):
         self.postprocess_projector_callback = postprocess_projector_callback
         # After truncation the selected layer is the encoder's last one: -1 from then on (and when saved).
         self.feature_layer = None if feature_layer is None else -1
-        self._layers_path = None
-        if feature_layer is not None:
-            truncate_after(model, feature_layer)
-            self._layers_path = layer_stack(model)[0]
+        self._layers_path = None if feature_layer is None else truncate_after(model, feature_layer)
         params = inspect.signature(model.forward).parameters.values()
         self._module_arguments = frozenset(
             p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
@@ -456,8 +454,6 @@ class MultimodalModel(nn.Module):
         keys = self._encoder_keys if self.encode_absent else tuple(routed)
         for key in keys:
             if key not in routed:  # only with encode_absent
-                from ..dummy_inputs import dummy_inputs
-
                 features[key] = self.encoders[key](**dummy_inputs(self.encoders[key]))[:0]  # [0, llm_hidden]
                 continue
             if key not in self.modality_token_ids:
@@ -570,7 +566,8 @@ class MultimodalModel(nn.Module):
     ) -> Any:
         """Generate with the same modality inputs as :meth:`forward`; returns prompt + new tokens like HF.
 
-        Extra keyword arguments that no encoder takes go to ``language_model.generate``.
+        Extra keyword arguments that no encoder takes go to ``language_model.generate``; ``supervised_positions``
+        (a train batch's) is accepted and ignored.
         """
         routed, generate_kwargs = self.route_inputs(kwargs, encoder_inputs)
         inputs_embeds, _ = self.embed(input_ids, self.encode(routed))

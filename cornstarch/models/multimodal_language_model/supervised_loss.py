@@ -53,7 +53,13 @@ def next_token_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> 
     """
     if positions is None:
         return labels[:, 1:]
-    return _shifted(labels).flatten().index_select(0, positions)[None]  # [1, n]
+    return at_positions(_shifted(labels), positions)  # [1, n]
+
+
+def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, ...]`` → ``[1, n, ...]`` at flat ``positions``: labels, hidden states before the head, or
+    full logits compared with a training forward's."""
+    return values.flatten(0, 1).index_select(0, positions)[None]
 
 
 class HiddenStatesAt:
@@ -71,8 +77,7 @@ class HiddenStatesAt:
         self.decoder, self.positions = decoder, positions
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = output[0]  # [batch, seq, hidden]
-        selected = hidden.flatten(0, 1).index_select(0, self.positions)[None]  # [1, n, hidden]
+        selected = at_positions(output[0], self.positions)  # [batch, seq, hidden] -> [1, n, hidden]
         if isinstance(output, tuple):
             return (selected, *output[1:])
         output["last_hidden_state"] = selected
@@ -127,7 +132,3 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, sample_of_targe
     counts = torch.bincount(sample, minlength=n_samples).to(totals.dtype)
     return totals / counts  # [n_samples]
 
-
-def at_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Full logits ``[batch, seq, vocab]`` → ``[1, n, vocab]`` at flat ``positions`` (as the training forward gives)."""
-    return logits.flatten(0, 1).index_select(0, positions)[None]
