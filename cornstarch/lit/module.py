@@ -72,6 +72,8 @@ class MultimodalLitModule(L.LightningModule):
         generation: settings of generation in validation/predict.
         gradient_checkpointing: recompute activations in backward (less memory, more compute); per encoder and
             decoder layer, which are also the FSDP units.
+        loss_chunk_size: fuse the LM head and the training loss and run them this many supervised tokens at a
+            time, never keeping ``[tokens, vocab]`` logits (``MultimodalModel.loss_chunk_size``); None: off.
 
     Raises:
         ValueError: before any training, for an unknown component in the schedule or LR groups, an unknown
@@ -90,6 +92,7 @@ class MultimodalLitModule(L.LightningModule):
         lora: LoraSpec | None = None,
         generation: GenerationSpec | None = None,
         gradient_checkpointing: bool = False,
+        loss_chunk_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +102,9 @@ class MultimodalLitModule(L.LightningModule):
             self._add_lora(lora)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens or null, got {loss_chunk_size}.")
+        self.model.loss_chunk_size = loss_chunk_size
         names = list(components(self.model))
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizer_config.validate(names)
@@ -242,10 +248,13 @@ class MultimodalLitModule(L.LightningModule):
         out = self.model(**inputs)
         positions = getattr(out, "logits_positions", None)  # set when logits exist only where supervised
         targets = next_token_targets(inputs["labels"], positions)  # [batch, n_columns]
-        logits = out.logits if positions is not None else out.logits[:, :-1]  # [batch, n_columns, vocab]
+        predictions = getattr(out, "predictions", None)  # given instead of logits by the chunked loss
+        if predictions is None:
+            logits = out.logits if positions is not None else out.logits[:, :-1]  # [batch, n_columns, vocab]
+            predictions = logits.argmax(-1)
         supervised = targets != IGNORE_INDEX
         n = supervised.sum()
-        correct = ((logits.argmax(-1) == targets) & supervised).sum()
+        correct = ((predictions == targets) & supervised).sum()
         batch_size = inputs["input_ids"].shape[0]
         self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
         self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)

@@ -39,7 +39,8 @@ LORA_SCHEDULE = [Stage(train=["vision.projector"], start=0, name="align"),
                  Stage(train=["vision.projector", "lora"], start=TRANSITION, name="adapters")]
 
 
-def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: bool = False) -> MultimodalLitModule:
+def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: bool = False,
+                loss_chunk_size: int | None = None) -> MultimodalLitModule:
     """Tiny CLIP-style tower (features from layer -2, CLS dropped: its last layer and post_layernorm are unused) +
     tiny Llama with tied embeddings."""
     vision = EncoderSpec(
@@ -58,7 +59,7 @@ def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: boo
                               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return MultimodalLitModule(
         encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.data.demo:build_tokenizer",
-        projector_type="mlp", gradient_checkpointing=gradient_checkpointing,
+        projector_type="mlp", gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
         freeze_schedule=LORA_SCHEDULE if lora else SCHEDULE, lora=LoraSpec(r=2) if lora else None,
         optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": 5e-4}, warmup_steps=1, schedule="cosine"))
 
@@ -114,14 +115,15 @@ def run(config: dict) -> dict:
 
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
-    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``, ``data`` (more
+    ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``,
+    ``loss_chunk_size``, ``data`` (more
     ``MultimodalDataModule`` arguments, e.g. packing).
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
     devices = config.get("devices", 1)
     module = make_module(gradient_checkpointing=config.get("gradient_checkpointing", False),
-                         lora=config.get("lora", False))
+                         lora=config.get("lora", False), loss_chunk_size=config.get("loss_chunk_size"))
     n_train = config.get("n_train", 16)
     text_only = ([] if config.get("text_only_step") is None else
                  rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))

@@ -117,6 +117,18 @@ def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
     check_export(tmp_path, single[1])
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_chunked_loss_matches_one_process_with_the_lm_head(tmp_path, single, strategy):
+    """loss_chunk_size (head + loss fused, 7 tokens a chunk; the head is the tied embedding matrix): the same
+    trajectory as one process computing logits with the LM's own head, across the transition and the imageless
+    rank."""
+    from cornstarch.models.multimodal_language_model.chunked_loss import fusable_head
+
+    assert fusable_head(dr.make_module(loss_chunk_size=7).model.language_model) is not None  # the fused path runs
+    ranks = launch({**COMMON, "strategy": strategy, "loss_chunk_size": 7, "out": str(tmp_path / "a")})
+    check_matches_single(ranks, single[0])
+
+
 def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
     """LoRA adapters (their own FSDP2 units inside frozen decoder layers) join at step 2: same losses as one
     process, frozen base weights never get gradients, the LM's base weights never change."""

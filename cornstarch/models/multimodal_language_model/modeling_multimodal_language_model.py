@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,7 +32,8 @@ from .configuration_multimodal_language_model import (
 )
 from .import_paths import UNSERIALIZABLE, import_path, resolve
 from .merging import merge_embeddings, modality_masks
-from .supervised_loss import HiddenStatesAt, causal_lm_loss, next_token_targets
+from .chunked_loss import chunked_head_loss, fusable_head
+from .supervised_loss import HiddenStatesAt, at_positions, causal_lm_loss, next_token_targets
 from .supervised_loss import supervised_positions as supervised_positions_of
 
 WEIGHTS_NAME = "model.safetensors"
@@ -295,9 +297,12 @@ class MultimodalCausalLMOutput(CausalLMOutputWithPast):
 
     ``logits_positions``: ``[n]`` flat positions (``row * seq + column``) when ``logits`` is ``[1, n, vocab]``
     (training with labels: only where the next token is supervised); None when ``logits`` covers every position.
+    ``predictions``: ``[1, n]`` the argmax of each of those logits, given instead of ``logits`` (None) when the head
+    and loss ran in chunks (``MultimodalModel.loss_chunk_size``).
     """
 
     logits_positions: torch.LongTensor | None = None
+    predictions: torch.LongTensor | None = None
 
 
 class MultimodalModel(nn.Module):
@@ -351,6 +356,9 @@ class MultimodalModel(nn.Module):
         self._lm_arguments: frozenset[str] | None = None
         # In training with labels, compute the LM head and loss only at supervised positions (see forward).
         self.supervised_logits_only = True
+        # ... and, if set, fused and this many supervised tokens at a time, without keeping logits (chunked_loss).
+        self.loss_chunk_size: int | None = None
+        self._warned_unfusable = False
 
     @staticmethod
     def _new_projector(encoder: ModalEncoderModule, llm_hidden: int, kind: str, activation: str) -> MultimodalProjector:
@@ -500,7 +508,9 @@ class MultimodalModel(nn.Module):
             The language model's output (``loss``, ``logits`` ``[batch, seq, vocab]``, …). In training with labels
             (and ``supervised_logits_only``, the default) the LM head and loss run only where a token is
             supervised: a :class:`MultimodalCausalLMOutput` with ``logits`` ``[1, n_supervised, vocab]`` at the
-            flat positions ``logits_positions``; the loss is the same.
+            flat positions ``logits_positions``; the loss is the same. With ``loss_chunk_size`` set (tokens per
+            chunk) the head and loss are fused and chunked (:mod:`.chunked_loss`): ``logits`` is None and
+            ``predictions`` ``[1, n_supervised]`` holds their argmax.
         """
         routed, lm_kwargs = self.route_inputs(kwargs, encoder_inputs)
         self._check_lm_kwargs(lm_kwargs)
@@ -518,14 +528,48 @@ class MultimodalModel(nn.Module):
         if positions is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                                        **lm_kwargs)
+        return self._supervised_forward(inputs_embeds, attention_mask, labels, positions, lm_kwargs)
+
+    def _supervised_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                            labels: torch.Tensor, positions: torch.Tensor,
+                            lm_kwargs: dict[str, Any]) -> MultimodalCausalLMOutput:
+        """The LM with its head and loss only at the flat ``positions``: the LM's own head on ``[1, n, hidden]``,
+        or, with ``loss_chunk_size`` and a head :func:`.chunked_loss.fusable_head` accepts, the fused chunked
+        head and loss (no logits kept; ``predictions`` instead)."""
         num_items = lm_kwargs.pop("num_items_in_batch", None)
-        with HiddenStatesAt(self.language_model.get_decoder(), positions):
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
-        # out.logits: [1, n_supervised, vocab], logits[0, j] predicting the token after flat position positions[j]
-        loss = causal_lm_loss(out.logits, next_token_targets(labels, positions), num_items)
-        return MultimodalCausalLMOutput(loss=loss, logits=out.logits, logits_positions=positions,
+        targets = next_token_targets(labels, positions)  # [1, n_supervised]
+        fused = self._fused_head()
+        if fused is not None:
+            head, softcap = fused
+            out = self.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                    **lm_kwargs)
+            hidden = at_positions(out.last_hidden_state, positions)[0]  # [n_supervised, hidden]
+            loss, predictions = chunked_head_loss(hidden, head.weight, head.bias, targets[0], self.loss_chunk_size,
+                                                  softcap, num_items)
+            logits, predictions = None, predictions[None]  # [1, n_supervised]
+        else:
+            with HiddenStatesAt(self.language_model.get_decoder(), positions):
+                out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
+            # out.logits: [1, n_supervised, vocab], logits[0, j] predicting the token after flat position positions[j]
+            logits, predictions = out.logits, None
+            loss = causal_lm_loss(logits, targets, num_items)
+        return MultimodalCausalLMOutput(loss=loss, logits=logits, logits_positions=positions, predictions=predictions,
                                         cache=getattr(out, "cache", None), hidden_states=out.hidden_states,
                                         attentions=out.attentions)
+
+    def _fused_head(self) -> tuple[nn.Linear, float | None] | None:
+        """The head for the chunked loss when ``loss_chunk_size`` is set; warns once if the LM's head does not
+        qualify (its own head then runs, with logits)."""
+        if self.loss_chunk_size is None:
+            return None
+        fused = fusable_head(self.language_model)
+        if fused is None and not self._warned_unfusable:
+            self._warned_unfusable = True
+            warnings.warn(f"loss_chunk_size is set but the language model's head "
+                          f"({type(self.language_model.get_output_embeddings()).__name__} of model_type "
+                          f"{getattr(self.language_model.config, 'model_type', None)!r}) is not one chunked_loss "
+                          "reproduces; its own head computes the logits instead.", stacklevel=3)
+        return fused
 
     def _supervised_positions(self, labels: torch.Tensor | None, given: torch.Tensor | None) -> torch.Tensor | None:
         """Flat positions to compute logits at, or None for the language model's own full-logits forward.
