@@ -27,6 +27,15 @@ the compared models alternate (A B, B A, …); after ``--warmup`` rounds the med
     also costs LM-head and loss work). Target: >= 1.5 over plain. Each
     sample's loss in a grouped or packed batch is checked against the sample run alone (within 1e-5).
 
+[5] the LM head + cross-entropy alone at a large vocabulary (Llama 3's 128 256; 1024 supervised tokens, hidden 256):
+    computed apart (the LM's head, then the loss on its ``[tokens, vocab]`` logits) vs fused in chunks of 256 tokens
+    (``MultimodalModel.loss_chunk_size``, :mod:`cornstarch.models.multimodal_language_model.chunked_loss`): time
+    and peak memory of forward + backward, same loss.
+
+Part 2 also prints the floor of any train step that holds every gradient before ``optimizer.step()``: parameters +
+gradients + AdamW's moments, as a share of HF's peak. Part 4 also counts each pass's FLOPs (torch's
+``FlopCounterMode``) and those of every sample run alone, without padding: the most any arrangement can save.
+
 Every part prints ``other CPU``: the share of the machine's CPUs that *other* processes used while timing (from
 ``/proc/stat``); above 10% the timings are flagged (a concurrent job makes OpenMP threads wait for each other).
 
@@ -51,6 +60,7 @@ import torch
 import transformers as tf
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,7 +78,9 @@ from cornstarch.models.multimodal_language_model import (  # noqa: E402
     MultimodalProjector,
     MultimodalProjectorConfig,
 )
+from cornstarch.models.multimodal_language_model.chunked_loss import chunked_head_loss  # noqa: E402
 from cornstarch.models.multimodal_language_model.supervised_loss import (  # noqa: E402
+    causal_lm_loss,
     next_token_targets,
     per_sample_loss,
 )
@@ -292,8 +304,14 @@ def peak_step_bytes(model: torch.nn.Module, batch: dict, in_backward: bool = Fal
     optimizer = adamw(model)
     step = (make_step_in_backward if in_backward else make_step)(model, batch, optimizer)
     step()
+    return peak_bytes(step)
+
+
+def peak_bytes(run: Callable[[], None]) -> int:
+    """Peak bytes of tensors alive while ``run()`` runs (those alive before it included), from torch's memory
+    profile: every tensor's creation and destruction."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
+        run()
     alive = peak = 0
     for _time, action, _key, size in prof._memory_profile().timeline:
         if action in (Action.PREEXISTING, Action.CREATE):
@@ -327,7 +345,16 @@ def bench_vs_hf(spec: Spec, frozen: bool, warmup: int, repeats: int) -> dict:
     row = {"ms": ms, "dloss": dloss, "busy": busy}
     if frozen:
         row["peak"] = {n: peak_step_bytes(copy.deepcopy(m), batch, in_backward=ib) for n, (m, ib) in variants.items()}
+        row["floor"] = gradient_floor_bytes(mllm)
     return row
+
+
+def gradient_floor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters, plus the gradient and AdamW's two moments of each trainable one: what is alive
+    when ``optimizer.step()`` starts after a backward, whatever the model does in forward and backward."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params + 3 * trained
 
 
 # (name, activation checkpointing, optimizer.in_backward)
@@ -452,8 +479,60 @@ def bench_packing(spec: Spec, n_samples: int, warmup: int, repeats: int) -> dict
     plans[FULL] = plans["plain"]
     ms, busy = interleaved_median_ms(passes, warmup, repeats)
     slots = {name: sum(b["input_ids"].numel() for b in batches) for name, batches in plans.items()}
+    flops = {name: pass_flops(model, batches) for name, batches in plans.items() if name != FULL}
+    flops["alone"] = pass_flops(model, [collate([s], pixels[i:i + 1]) for i, s in enumerate(samples)])
     return {"tokens": tokens, "ms": ms, "slots": slots, "steps": {k: len(v) for k, v in plans.items()},
-            "per_sample_dloss": check_per_sample_losses(model, samples, pixels), "busy": busy}
+            "flops": flops, "per_sample_dloss": check_per_sample_losses(model, samples, pixels), "busy": busy}
+
+
+# torch's FLOP counter knows the accelerators' attention kernels; count the CPU one (dense, masked blocks included)
+def _cpu_attention_flops(query: tuple, key: tuple, value: tuple, *args, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out: tuple, query: tuple, key: tuple, value: tuple, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops}
+
+
+def pass_flops(model: MultimodalModel, batches: list[dict]) -> int:
+    """FLOPs of the forwards and backwards of ``batches`` (matmuls, attention, convolutions; no optimizer)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        for batch in batches:
+            model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_chunked_loss(tokens: int, vocab: int, hidden: int, chunk: int, warmup: int, repeats: int) -> dict:
+    """[5]: the LM head + cross-entropy of ``tokens`` supervised tokens, forward and backward: computed apart (the
+    LM's head, then the loss on its logits) vs fused in chunks (``loss_chunk_size``). Time and peak memory."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    states = torch.randn(tokens, hidden, requires_grad=True)  # the decoder's last hidden states at those tokens
+    targets = torch.randint(vocab, (tokens,))
+
+    def apart() -> torch.Tensor:
+        return causal_lm_loss(head(states)[None], targets[None])
+
+    def fused() -> torch.Tensor:
+        return chunked_head_loss(states, head.weight, None, targets, chunk)[0]
+
+    def step(loss_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            loss_of().backward()
+            head.weight.grad = states.grad = None
+        return run
+
+    dloss = abs(apart().item() - fused().item())
+    assert dloss <= LOSS_ATOL, f"fused loss differs by {dloss}"
+    runs = {"apart": step(apart), f"fused, chunks of {chunk}": step(fused)}
+    ms, busy = interleaved_median_ms(runs, warmup, repeats)
+    return {"ms": ms, "peak": {name: peak_bytes(run) for name, run in runs.items()}, "dloss": dloss, "busy": busy,
+            "shape": (tokens, vocab, hidden)}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -474,6 +553,11 @@ def print_vs_hf(title: str, row: dict, target: float) -> None:
             line += f"{peak[name] / MB:>9.1f}{peak[name] / peak['hf']:>7.2f}"
         print(line)
     print(f"    target: HF/cs >= {target}" + ("; peak cs/HF <= 0.7" if peak else ""))
+    if peak:
+        floor = row["floor"]
+        print(f"    floor of any step that holds every gradient before optimizer.step() (parameters + gradients + "
+              f"AdamW moments): {floor / MB:.1f} MB = {floor / peak['hf']:.3f} of HF's peak; below it only by "
+              "freeing gradients during backward (in_backward)")
 
 
 def print_feature_layer(r: dict) -> None:
@@ -493,11 +577,27 @@ def print_packing(r: dict) -> None:
               f"{rate:>6.0f} tokens/s, {r['ms']['plain'] / ms:.2f}x plain, {r['ms'][FULL] / ms:.2f}x full-logits plain")
     print(f"    per-sample loss packed vs alone: max |d| {r['per_sample_dloss']:.1e} (within 1e-5: "
           f"{r['per_sample_dloss'] <= 1e-5}); {flag(r['busy'])}")
+    flops = r["flops"]
+    ceiling = flops["plain"] / flops["alone"]
+    print("    model work (forward + backward FLOPs) of one pass: " + ", ".join(
+        f"{name} {f / 1e9:.1f} G" for name, f in flops.items()))
+    print(f"    ceiling: the samples run one by one, without padding, do {flops['alone'] / 1e9:.1f} GFLOP: no "
+          f"arrangement of them does less, so removing padding can save at most plain/alone = {ceiling:.2f}x of "
+          f"the model's work (packed saves {flops['plain'] / flops['packed']:.2f}x, grouped "
+          f"{flops['plain'] / flops['grouped']:.2f}x; fewer optimizer steps save the rest)")
+
+
+def print_chunked_loss(r: dict) -> None:
+    (apart, fused), peak = r["ms"].items(), r["peak"]
+    for name, ms in r["ms"].items():
+        print(f"    {name:<34}{ms:>9.1f} ms {peak[name] / MB:>9.1f} MB peak")
+    print(f"    fused/apart: time {fused[1] / apart[1]:.2f}, peak memory {peak[fused[0]] / peak[apart[0]]:.2f} "
+          f"(weight and its gradient included); |dloss| {r['dloss']:.1e}; {flag(r['busy'])}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     parser.add_argument("--repeats", type=int, help="timed rounds (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3; quick 1)")
     parser.add_argument("--samples", type=int, default=32, help="samples of the skewed set in part 4")
@@ -527,7 +627,13 @@ def main(argv: list[str] | None = None) -> None:
         print_feature_layer(bench_feature_layer(spec, args.warmup, args.repeats))
     if 4 in args.parts:
         print(f"[4] length-skewed data ({args.samples} samples, answers 4-200 tokens): tokens/s per arrangement")
-        print_packing(bench_packing(spec, args.samples, max(1, args.warmup // 2), max(3, args.repeats // 4)))
+        print_packing(bench_packing(spec, args.samples, max(1, args.warmup // 2), max(3, args.repeats // 2)))
+    if 5 in args.parts:
+        tokens, vocab, hidden, chunk = (256, 16_000, 64, 64) if args.quick else (1024, 128_256, 256, 256)
+        print(f"[5] LM head + loss alone, {tokens} supervised tokens, vocab {vocab}"
+              f"{' (Llama 3' + chr(39) + 's)' if vocab == 128_256 else ''}, hidden {hidden}: forward + backward")
+        print_chunked_loss(bench_chunked_loss(tokens, vocab, hidden, chunk, max(1, args.warmup // 2),
+                                              max(3, args.repeats // 4)))
     print(f"total {time.perf_counter() - start:.1f} s")
 
 

@@ -11,7 +11,7 @@ Only for heads that are a plain ``nn.Linear`` followed by nothing but an optiona
 (``tanh(z / cap) · cap``, Gemma 2): :func:`fusable_head` says which language models qualify; others keep the LM's
 own head (:class:`.supervised_loss.HiddenStatesAt`).
 
->>> torch.manual_seed(0)
+>>> _ = torch.manual_seed(0)
 >>> head = nn.Linear(8, 50, bias=False)
 >>> hidden = torch.randn(5, 8, requires_grad=True)
 >>> targets = torch.tensor([3, -100, 7, 7, 1])
