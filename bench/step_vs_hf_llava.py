@@ -531,8 +531,7 @@ def bench_chunked_loss(tokens: int, vocab: int, hidden: int, chunk: int, warmup:
     assert dloss <= LOSS_ATOL, f"fused loss differs by {dloss}"
     runs = {"apart": step(apart), f"fused, chunks of {chunk}": step(fused)}
     ms, busy = interleaved_median_ms(runs, warmup, repeats)
-    return {"ms": ms, "peak": {name: peak_bytes(run) for name, run in runs.items()}, "dloss": dloss, "busy": busy,
-            "shape": (tokens, vocab, hidden)}
+    return {"ms": ms, "peak": {name: peak_bytes(run) for name, run in runs.items()}, "dloss": dloss, "busy": busy}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -630,8 +629,9 @@ def main(argv: list[str] | None = None) -> None:
         print_packing(bench_packing(spec, args.samples, max(1, args.warmup // 2), max(3, args.repeats // 2)))
     if 5 in args.parts:
         tokens, vocab, hidden, chunk = (256, 16_000, 64, 64) if args.quick else (1024, 128_256, 256, 256)
-        print(f"[5] LM head + loss alone, {tokens} supervised tokens, vocab {vocab}"
-              f"{' (Llama 3' + chr(39) + 's)' if vocab == 128_256 else ''}, hidden {hidden}: forward + backward")
+        llama3 = " (Llama 3's)" if vocab == 128_256 else ""
+        print(f"[5] LM head + loss alone, {tokens} supervised tokens, vocab {vocab}{llama3}, hidden {hidden}: "
+              "forward + backward")
         print_chunked_loss(bench_chunked_loss(tokens, vocab, hidden, chunk, max(1, args.warmup // 2),
                                               max(3, args.repeats // 4)))
     print(f"total {time.perf_counter() - start:.1f} s")

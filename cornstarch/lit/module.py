@@ -102,9 +102,7 @@ class MultimodalLitModule(L.LightningModule):
             self._add_lora(lora)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        if loss_chunk_size is not None and loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size must be a positive number of tokens or null, got {loss_chunk_size}.")
-        self.model.loss_chunk_size = loss_chunk_size
+        self.model.loss_chunk_size = loss_chunk_size  # validated by the model
         names = list(components(self.model))
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizer_config.validate(names)

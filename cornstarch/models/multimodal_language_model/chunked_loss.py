@@ -58,6 +58,17 @@ def fusable_head(language_model: nn.Module) -> tuple[nn.Linear, float | None] | 
     return head, (getattr(config, cap_attribute, None) if cap_attribute else None)
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` itself, if it is None (no chunking) or a positive number of tokens.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"loss_chunk_size must be a positive number of tokens (or None: off), got {chunk_size!r}.")
+    return chunk_size
+
+
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """``hidden @ weight.T + bias`` written into the float32 ``out`` (computed in the weight's dtype, as the
@@ -154,8 +165,7 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     Raises:
         ValueError: for a ``chunk_size`` below 1.
     """
-    if chunk_size < 1:
-        raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {chunk_size}.")
+    check_chunk_size(chunk_size)
     targets = targets.to(hidden.device)
     if num_items_in_batch is None:
         divisor = (targets != IGNORE_INDEX).sum().to(torch.float32)

@@ -32,7 +32,7 @@ from .configuration_multimodal_language_model import (
 )
 from .import_paths import UNSERIALIZABLE, import_path, resolve
 from .merging import merge_embeddings, modality_masks
-from .chunked_loss import chunked_head_loss, fusable_head
+from .chunked_loss import check_chunk_size, chunked_head_loss, fusable_head
 from .supervised_loss import HiddenStatesAt, at_positions, causal_lm_loss, next_token_targets
 from .supervised_loss import supervised_positions as supervised_positions_of
 
@@ -356,8 +356,7 @@ class MultimodalModel(nn.Module):
         self._lm_arguments: frozenset[str] | None = None
         # In training with labels, compute the LM head and loss only at supervised positions (see forward).
         self.supervised_logits_only = True
-        # ... and, if set, fused and this many supervised tokens at a time, without keeping logits (chunked_loss).
-        self.loss_chunk_size: int | None = None
+        self._loss_chunk_size: int | None = None
         self._warned_unfusable = False
 
     @staticmethod
@@ -385,6 +384,20 @@ class MultimodalModel(nn.Module):
                 f"The {key} projector takes {config.in_features} features but the {key} encoder outputs "
                 f"{encoder.hidden_size}."
             )
+
+    @property
+    def loss_chunk_size(self) -> int | None:
+        """In training with labels, fuse the LM head and loss and run them this many supervised tokens at a time,
+        without keeping logits (:mod:`.chunked_loss`); None (the default): the LM's own head.
+
+        Raises:
+            ValueError: when set to anything but None or a positive integer.
+        """
+        return self._loss_chunk_size
+
+    @loss_chunk_size.setter
+    def loss_chunk_size(self, value: int | None) -> None:
+        self._loss_chunk_size = check_chunk_size(value)
 
     # ----------------------------------------------------------------------------------------------- structure
     @property
