@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..models.multimodal_language_model.import_paths import resolve
 from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
+from .resume import ResumableLoader
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
@@ -178,6 +179,8 @@ class MultimodalDataModule(L.LightningDataModule):
         self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
+        self._train_loader: ResumableLoader | None = None  # the last train loader built (it counts the batches)
+        self._train_position: dict[str, int] | None = None  # restored from a checkpoint, for the next train loader
 
     # ----------------------------------------------------------------------------------------------- setup
     def _processor(self) -> Any:
@@ -206,6 +209,8 @@ class MultimodalDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":  # a new fit starts at the first batch, unless a checkpoint says otherwise
+            self._train_loader, self._train_position = None, None
         for split, spec in self.specs.items():
             if spec is None or split in self.datasets:
                 continue
@@ -309,24 +314,55 @@ class MultimodalDataModule(L.LightningDataModule):
             dataset, collate = EncodedDataset(self.encoded[split]), collator.pad
         else:
             dataset, collate = IndexedDataset(self.datasets[split]), collator
-        sampler = None
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=collate, **workers)
         ranks = self._ranks()
-        if train and self.pack:
+        if self.pack:
             batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed,
                                          **ranks)
             packing = PackingCollate(collate, self.max_length, collator.pad_token_id)
-            return DataLoader(BatchIndexed(dataset), sampler=batches, batch_size=None, num_workers=self.num_workers,
-                              collate_fn=WithSupervisedPositions(packing),
-                              persistent_workers=self.num_workers > 0)
-        if train and self.group_by_length:
-            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
-        elif train:
-            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
-        return DataLoader(
-            dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
-            collate_fn=WithSupervisedPositions(collate) if train else collate, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            loader = ResumableLoader(BatchIndexed(dataset), sampler=batches, batch_size=None,
+                                     collate_fn=WithSupervisedPositions(packing), epoch_length=self._epoch_length,
+                                     **workers)
+        else:
+            if self.group_by_length:
+                sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
+            else:
+                sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
+            loader = ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                     collate_fn=WithSupervisedPositions(collate), epoch_length=self._epoch_length,
+                                     **workers)
+        if self._train_loader is not None:  # a reloaded loader goes on where the last one was
+            loader.load_state_dict(self._train_loader.state_dict())
+        elif self._train_position is not None:
+            loader.load_state_dict(self._train_position)
+        self._train_loader, self._train_position = loader, None
+        return loader
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def _epoch_length(self) -> int | None:
+        """Train batches per epoch as the trainer runs them (``limit_train_batches``), once it knows."""
+        batches = getattr(getattr(self, "trainer", None), "num_training_batches", None)
+        return int(batches) if batches is not None and 0 < batches < float("inf") else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the train data (saved in every checkpoint; see :class:`ResumableLoader`)."""
+        if self._train_loader is None:
+            return {}
+        return {"train_position": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the train data where the checkpoint was taken, mid-epoch included. Lightning restores the data
+        module before it asks for loaders (after, under strategies that restore after setup: then the loader
+        already built is moved)."""
+        position = state.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(position)
+        else:
+            self._train_position = position
 
     def _lengths(self, split: str) -> list[int]:
         """Token lengths of a split's samples (measured at setup when not preprocessed)."""

@@ -169,7 +169,7 @@ class PackedBatchSampler(RankShard):
         per_step = self.rows_per_batch * self.num_replicas
         if self.num_replicas > 1:  # every rank the same number of batches: wrap around
             rows = [rows[i % len(rows)] for i in range(len(self) * per_step)]
-        for start in range(0, len(rows), per_step):
+        for start in range(self.skip * per_step, len(rows), per_step):
             mine = rows[start + self.rank * self.rows_per_batch:start + (self.rank + 1) * self.rows_per_batch]
             yield [i for row in mine for i in row]
 

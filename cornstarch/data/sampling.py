@@ -15,7 +15,12 @@ class RankShard(DistributedSampler):
     ``n``, so every rank has the same number of batches). With a per-rank batch ``b``, step ``k`` of all ranks
     together covers positions ``k·n·b … (k+1)·n·b − 1``: the samples a single process with batch ``n·b`` sees at
     step ``k``. Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it in its own.
+
+    ``skip``: items of this rank that the next pass leaves out at its start (set by
+    :class:`~cornstarch.data.resume.ResumableLoader` to resume mid-epoch).
     """
+
+    skip: int = 0
 
     def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         if not 0 <= rank < num_replicas:
@@ -43,7 +48,7 @@ class RankShard(DistributedSampler):
             if total > len(order):
                 order = torch.cat([order, order[: total - len(order)]]) if len(order) else order
             order = order[self.rank::self.num_replicas]
-        return iter(order.tolist())
+        return iter(order[self.skip:].tolist())
 
 
 class LengthGroupedSampler(RankShard):
@@ -83,8 +88,8 @@ class LengthGroupedSampler(RankShard):
 class EpochShuffleSampler(RankShard):
     """A random permutation per epoch, seeded by ``seed + epoch``: the same order after a resume.
 
-    Lightning calls :meth:`set_epoch` at each epoch start, so a run resumed from an epoch-boundary checkpoint sees
-    exactly the batches the uninterrupted run saw (mid-epoch resume is not exact yet: the loader keeps no state).
+    A run resumed from any checkpoint sees exactly the batches the uninterrupted run saw when the loader is a
+    :class:`~cornstarch.data.resume.ResumableLoader` (as :class:`~cornstarch.data.MultimodalDataModule` builds it).
 
     >>> sampler = EpochShuffleSampler(4, seed=0)
     >>> first = list(sampler); sampler.set_epoch(1); second = list(sampler); sampler.set_epoch(0)

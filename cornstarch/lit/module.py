@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +156,18 @@ class MultimodalLitModule(L.LightningModule):
                     self._step_in_backward.attach()
                 log.info("Optimizer: added %s (lr %g)", name, self.optimizer_config.lr_groups.get(name, self.optimizer_config.lr))
 
+    def _epoch(self) -> int:
+        """The epoch the next train step belongs to, counted from the global step: after a resume Lightning's epoch
+        counters can be one off for the first batches (``current_epoch`` after a checkpoint from
+        ``on_train_epoch_end``), the step count is not."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not 0 < batches < float("inf"):
+            return self.current_epoch
+        return self.global_step // math.ceil(batches / trainer.accumulate_grad_batches)
+
     def _sync_stage(self) -> None:
-        index = self.schedule.index_at(self.global_step, self.current_epoch)
+        index = self.schedule.index_at(self.global_step, self._epoch())
         if index != self.stage_index:
             self._apply_stage(index)
             self._extend_optimizer()

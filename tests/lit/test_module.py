@@ -164,7 +164,7 @@ class LossRecorder(Callback):
 
 
 def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None, schedule=SCHEDULE, n_train=64,
-         optimizer=None):
+         optimizer=None, **trainer_kwargs):
     L.seed_everything(0, verbose=False)
     module = make_module(freeze_schedule=schedule, **({"optimizer": optimizer} if optimizer else {}))
     losses = LossRecorder()
@@ -175,7 +175,9 @@ def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None
     elif checkpoint == "epoch":
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_epochs=1,
                                          save_on_train_epoch_end=True, save_top_k=-1))
-    trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks)
+    elif checkpoint == "val":  # after each validation, as the experiments' ModelCheckpoint does
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1))
+    trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, datamodule=make_data(n_train=n_train), ckpt_path=ckpt_path, weights_only=weights_only)
     return losses.losses, module, trainer
 
@@ -203,11 +205,7 @@ EPOCH_SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, un
                   Stage(train=["vision.module", "vision.projector", "language_model"], start=2, unit="epoch")]
 
 
-@pytest.mark.parametrize("checkpoint", ["step", pytest.param("epoch", marks=pytest.mark.xfail(strict=True, reason=(
-    "LIBRARY BUG: resumed from a checkpoint saved in on_train_epoch_end, Lightning runs the first resumed batch with "
-    "trainer.current_epoch still the old epoch, so an epoch-unit stage starting at the next epoch is applied one "
-    "step late (the LM misses step 4's update). _sync_stage should take the epoch from the restored loop state "
-    "(epoch_progress.current.processed) or on_load_checkpoint should apply the next epoch's stage")))])
+@pytest.mark.parametrize("checkpoint", ["step", "epoch"])
 def test_resume_is_exact_at_epoch_boundary(tmp_path, checkpoint):
     """16 samples / batch 8 = 2 steps per epoch; the LM joins at epoch 2 (step 4). Resume from the end of epoch 1
     (step 4, still stage 0) reproduces steps 4..7 of the uninterrupted run bit for bit.
@@ -218,15 +216,19 @@ def test_resume_is_exact_at_epoch_boundary(tmp_path, checkpoint):
                   optimizer=COSINE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LIBRARY BUG: the train DataLoader is not resumable (no state_dict/load_state_dict), so Lightning restarts a "
-    "mid-epoch resumed epoch from its first batch while global_step/batch_idx continue: the resumed run trains on "
-    "different batches (EpochShuffleSampler's promise 'a run resumed from a checkpoint sees exactly the batches the "
-    "uninterrupted run saw' only holds at epoch boundaries)"))
 @pytest.mark.parametrize("resume_step", [TRANSITION - 1, TRANSITION])
 def test_resume_is_exact_mid_epoch(tmp_path, resume_step):
     """64 samples / batch 8: one epoch of 8 steps, so the step checkpoints are mid-epoch."""
     _check_resume(tmp_path, resume_step=resume_step, steps=8, checkpoint="step", optimizer=COSINE)
+
+
+@pytest.mark.parametrize("val_check_interval, resume_step, n_train, schedule",
+                         [(None, 4, 16, EPOCH_SCHEDULE), (3, 3, 64, SCHEDULE)], ids=["epoch-end", "mid-epoch"])
+def test_resume_is_exact_from_validation_checkpoints(tmp_path, val_check_interval, resume_step, n_train, schedule):
+    """Checkpoints taken after validation: at the end of epoch 1 (Lightning would hand the resumed epoch the next
+    epoch's shuffle), and mid-epoch (it would restart the epoch's batches)."""
+    _check_resume(tmp_path, resume_step=resume_step, steps=8, checkpoint="val", schedule=schedule,
+                  n_train=n_train, optimizer=COSINE, limit_val_batches=1, val_check_interval=val_check_interval)
 
 
 def test_resume_with_default_checkpoint_loading(tmp_path):
