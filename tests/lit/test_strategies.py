@@ -65,15 +65,20 @@ def check_matches_single(ranks: list[dict], single_record: dict) -> None:
     assert all(s["has_image"] for s in ref)
 
 
+RESUME_STEP = 3  # mid-epoch (2 steps per epoch), after the transition
+
+
 def check_resume(config: dict, ranks: list[dict], tmp_path: Path) -> None:
-    """Resumed from the step-4 checkpoint (after the transition, at an epoch end), the run continues exactly."""
-    ckpt = tmp_path / "a" / "ckpt" / "step=4.ckpt"
+    """Resumed from the step-3 checkpoint (after the transition, mid-epoch), the run continues exactly: the same
+    batches on each rank, the same losses and parameters."""
+    ckpt = tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt"
     assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
     resumed = launch({**config, "out": str(tmp_path / "b"), "resume": str(ckpt)})
-    assert [s["step"] for s in resumed[0]["steps"]] == [4, 5]
+    assert [s["step"] for s in resumed[0]["steps"]] == list(range(RESUME_STEP, STEPS))
     for r in (0, 1):
         for got in resumed[r]["steps"]:
             want = ranks[r]["steps"][got["step"]]
+            assert got["data"] == want["data"], (r, got["step"])  # the same batch on this rank
             assert got["loss"] == want["loss"] and got["sums"] == want["sums"], (r, got["step"])
 
 
@@ -95,24 +100,24 @@ def check_export(tmp_path: Path, single_out: Path) -> None:
 
 
 def test_ddp_two_processes_match_one_resume_and_export(tmp_path, single):
-    config = {**COMMON, "strategy": "ddp", "checkpoint_every": 2}
+    config = {**COMMON, "strategy": "ddp", "checkpoint_every": 1}
     ranks = launch({**config, "out": str(tmp_path / "a")})
     assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["world_size"] == 2
     check_matches_single(ranks, single[0])
-    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_file()  # one file
+    assert (tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt").is_file()  # one file
     check_resume(config, ranks, tmp_path)
     check_export(tmp_path, single[1])
 
 
 def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
-    """FSDP2 (with per-layer activation checkpointing): same trajectory; resumed from the step-4 sharded checkpoint
-    (after the transition, at an epoch end) it continues with identical losses; the exported directory gives the
+    """FSDP2 (with per-layer activation checkpointing): same trajectory; resumed from the step-3 sharded checkpoint
+    (after the transition, mid-epoch) it continues with identical losses; the exported directory gives the
     sharded model's logits."""
-    config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 2}
+    config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 1}
     ranks = launch({**config, "out": str(tmp_path / "a")})
     assert ranks[0]["strategy"] == "FSDP2Strategy"
     check_matches_single(ranks, single[0])
-    assert (tmp_path / "a" / "ckpt" / "step=4.ckpt").is_dir()  # one shard per rank
+    assert (tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt").is_dir()  # one shard per rank
     check_resume(config, ranks, tmp_path)
     check_export(tmp_path, single[1])
 
