@@ -162,6 +162,7 @@ class PackedBatchSampler(RankShard):
         return -(-self._rows // (self.rows_per_batch * self.num_replicas))
 
     def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0  # batches to leave out (see RankShard)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).numpy()
         rows = [order[row].tolist() for row in first_fit_decreasing(self.lengths[order], self.capacity)]
@@ -169,7 +170,7 @@ class PackedBatchSampler(RankShard):
         per_step = self.rows_per_batch * self.num_replicas
         if self.num_replicas > 1:  # every rank the same number of batches: wrap around
             rows = [rows[i % len(rows)] for i in range(len(self) * per_step)]
-        for start in range(self.skip * per_step, len(rows), per_step):
+        for start in range(skip * per_step, len(rows), per_step):
             mine = rows[start + self.rank * self.rows_per_batch:start + (self.rank + 1) * self.rows_per_batch]
             yield [i for row in mine for i in row]
 

@@ -16,7 +16,7 @@ class RankShard(DistributedSampler):
     together covers positions ``k·n·b … (k+1)·n·b − 1``: the samples a single process with batch ``n·b`` sees at
     step ``k``. Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it in its own.
 
-    ``skip``: items of this rank that the next pass leaves out at its start (set by
+    ``skip``: items of this rank that the next pass leaves out at its start, once (set by
     :class:`~cornstarch.data.resume.ResumableLoader` to resume mid-epoch).
     """
 
@@ -42,13 +42,14 @@ class RankShard(DistributedSampler):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
         order = self.order()
         if self.num_replicas > 1:
             total = len(self) * self.num_replicas
             if total > len(order):
                 order = torch.cat([order, order[: total - len(order)]]) if len(order) else order
             order = order[self.rank::self.num_replicas]
-        return iter(order[self.skip:].tolist())
+        return iter(order[skip:].tolist())
 
 
 class LengthGroupedSampler(RankShard):
