@@ -66,11 +66,14 @@ def test_resume_at_every_batch_gives_the_uninterrupted_batches(kind, ranks):
             assert seen + rest == whole, (kind, rank, stop)
 
 
-def test_workers_resume_exactly():
-    whole = run(loader("plain"), 2)
-    again = loader("plain", num_workers=2)
-    again.load_state_dict({"epoch": 0, "batch": 2, "epoch_length": 4})
-    assert run(again, 2) == whole[2:]
+@pytest.mark.parametrize("epoch_length", [None, 3])
+def test_persistent_workers_resume_exactly(epoch_length):
+    """Workers take their indices when the pass starts; a pass cut short (limit) leaves them mid-epoch."""
+    length = (lambda: epoch_length) if epoch_length else None
+    whole = run(loader("plain", epoch_length=length), 3)
+    again = loader("plain", num_workers=2, persistent_workers=True, epoch_length=length)
+    again.load_state_dict({"epoch": 0, "batch": 2, "epoch_length": epoch_length or 4})
+    assert run(again, 3) == whole[2:]
 
 
 def test_epoch_length_follows_the_trainer_limit():
