@@ -231,6 +231,37 @@ def test_resume_is_exact_from_validation_checkpoints(tmp_path, val_check_interva
                   n_train=n_train, optimizer=COSINE, limit_val_batches=1, val_check_interval=val_check_interval)
 
 
+class BatchRecorder(Callback):
+    """Per batch: global step, batch index, a checksum of the batch and the loss (several batches per step)."""
+
+    def __init__(self):
+        self.batches: list[tuple] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append((trainer.global_step, batch_idx, int(batch["input_ids"].sum()), outputs["loss"].item()))
+
+
+def test_resume_is_exact_with_gradient_accumulation(tmp_path):
+    """40 samples / batch 8 = 5 batches = 3 optimizer steps per epoch with accumulate_grad_batches=2 (the last one
+    from a single batch); resumed from step 4 (mid-epoch 1) the run trains the same batches with the same losses."""
+    def run(out, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        module, recorder = make_module(), BatchRecorder()
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", filename="{step}", every_n_train_steps=1,
+                                      save_top_k=-1)
+        trainer = make_trainer(out, max_steps=6, accumulate_grad_batches=2,
+                               callbacks=[recorder] + ([] if ckpt_path else [checkpoints]))
+        trainer.fit(module, datamodule=make_data(n_train=40), ckpt_path=ckpt_path, weights_only=False)
+        return recorder.batches, module
+
+    whole, a_module = run(tmp_path / "a")
+    assert len(whole) == 10 and [b[1] for b in whole] == [0, 1, 2, 3, 4] * 2
+    resumed, b_module = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "ckpt" / "step=4.ckpt"))
+    assert resumed == whole[7:]  # batches 2..4 of epoch 1: steps 4, 5 (and the partial step 6)
+    for (name, pa), (_, pb) in zip(a_module.state_dict().items(), b_module.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
 def test_resume_with_default_checkpoint_loading(tmp_path):
     _run(tmp_path / "a", 1, checkpoint="step")
     ckpt = tmp_path / "a" / "ckpt" / "step=1.ckpt"
