@@ -79,6 +79,7 @@ from cornstarch.models.multimodal_language_model import (  # noqa: E402
     MultimodalProjectorConfig,
 )
 from cornstarch.models.multimodal_language_model.chunked_loss import chunked_head_loss  # noqa: E402
+from cornstarch.models.multimodal_language_model.placeholders import IGNORE_INDEX  # noqa: E402
 from cornstarch.models.multimodal_language_model.supervised_loss import (  # noqa: E402
     causal_lm_loss,
     next_token_targets,
@@ -198,7 +199,7 @@ def sample_ids(spec: Spec, answer: int, g: torch.Generator,
     image_tokens = spec.patches + 1 if image_tokens is None else image_tokens
     text = torch.randint(3, spec.image_token_id, (32 + answer,), generator=g)
     ids = torch.cat([text[:16], torch.full((image_tokens,), spec.image_token_id), text[16:]])
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[-answer:] = ids[-answer:]
     return ids, labels
 
@@ -206,7 +207,8 @@ def sample_ids(spec: Spec, answer: int, g: torch.Generator,
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Right-padded batch of ``samples`` (ids, labels) with one image each."""
     length = max(len(ids) for ids, _ in samples)
-    batch = {"input_ids": torch.full((len(samples), length), PAD), "labels": torch.full((len(samples), length), -100),
+    batch = {"input_ids": torch.full((len(samples), length), PAD),
+             "labels": torch.full((len(samples), length), IGNORE_INDEX),
              "attention_mask": torch.zeros(len(samples), length, dtype=torch.long)}
     for i, (ids, labels) in enumerate(samples):
         batch["input_ids"][i, :len(ids)], batch["labels"][i, :len(ids)] = ids, labels
@@ -483,9 +485,10 @@ def bench_packing(spec: Spec, n_samples: int, warmup: int, repeats: int) -> dict
     counts["alone"] = pass_flops(model, [collate([s], pixels[i:i + 1]) for i, s in enumerate(samples)])
     flops = {name: total for name, (total, _) in counts.items()}
     head = {name: head for name, (_, head) in counts.items()}
-    supervised = sum(int((labels[1:] != -100).sum()) for _, labels in samples)
-    return {"tokens": tokens, "supervised": supervised, "ms": ms, "slots": slots, "steps": {k: len(v) for k, v in plans.items()},
-            "flops": flops, "head_flops": head, "per_sample_dloss": check_per_sample_losses(model, samples, pixels), "busy": busy}
+    supervised = sum(int((labels[1:] != IGNORE_INDEX).sum()) for _, labels in samples)  # tokens the head predicts
+    return {"tokens": tokens, "supervised": supervised, "ms": ms, "slots": slots,
+            "steps": {k: len(v) for k, v in plans.items()}, "flops": flops, "head_flops": head,
+            "per_sample_dloss": check_per_sample_losses(model, samples, pixels), "busy": busy}
 
 
 # torch's FLOP counter knows the accelerators' attention kernels; count the CPU one (dense, masked blocks included)
@@ -591,8 +594,8 @@ def print_packing(r: dict) -> None:
           f"{flops['plain'] / flops['grouped']:.2f}x; fewer optimizer steps save the rest)")
     head = r["head_flops"]
     rest = {name: flops[name] - head[name] for name in ("plain", "alone")}
-    print(f"    the LM head (forward + backward at the {r['supervised']} supervised tokens) does {head['plain'] / 1e9:.1f} "
-          f"GFLOP in every arrangement ({head['plain'] / flops['plain']:.0%} of plain); even if it cost nothing, "
+    print(f"    the LM head (forward + backward at the {r['supervised']} supervised tokens) does "
+          f"{head['plain'] / 1e9:.1f} GFLOP in every arrangement ({head['plain'] / flops['plain']:.0%} of plain); even if it cost nothing, "
           f"removing padding could save at most {rest['plain'] / rest['alone']:.2f}x")
 
 

@@ -318,21 +318,19 @@ class MultimodalDataModule(L.LightningDataModule):
         if not train:
             return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=collate, **workers)
         ranks = self._ranks()
-        if self.pack:
-            batches = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed,
+        batch_size = self.batch_size
+        if self.pack:  # the sampler yields whole batches (rows of packed samples)
+            sampler = PackedBatchSampler(self._lengths("train"), self.max_length, self.batch_size, seed=self.seed,
                                          **ranks)
-            packing = PackingCollate(collate, self.max_length, collator.pad_token_id)
-            loader = ResumableLoader(BatchIndexed(dataset), sampler=batches, batch_size=None,
-                                     collate_fn=WithSupervisedPositions(packing), epoch_length=self._epoch_length,
-                                     **workers)
+            dataset, batch_size = BatchIndexed(dataset), None
+            collate = PackingCollate(collate, self.max_length, collator.pad_token_id)
+        elif self.group_by_length:
+            sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
         else:
-            if self.group_by_length:
-                sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
-            else:
-                sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
-            loader = ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                                     collate_fn=WithSupervisedPositions(collate), epoch_length=self._epoch_length,
-                                     **workers)
+            sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
+        loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                 collate_fn=WithSupervisedPositions(collate), epoch_length=self._epoch_length,
+                                 **workers)
         if self._train_loader is not None:  # a reloaded loader goes on where the last one was
             loader.load_state_dict(self._train_loader.state_dict())
         elif self._train_position is not None:

@@ -156,19 +156,29 @@ def test_freeze_schedule_per_stage(tmp_path):
 # ------------------------------------------------------------------------------------------- 2. exact resume
 class LossRecorder(Callback):
     def __init__(self):
-        self.losses: dict[int, torch.Tensor] = {}
+        self.records: dict[int, torch.Tensor] = {}  # the loss of each step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # global_step has already been incremented by the optimizer step
-        self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
+        self.records[trainer.global_step - 1] = outputs["loss"].detach().clone()
+
+
+class BatchRecorder(Callback):
+    """Per batch: global step, batch index, a checksum of the batch and the loss (several batches per step)."""
+
+    def __init__(self):
+        self.records: list[tuple] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.records.append((trainer.global_step, batch_idx, int(batch["input_ids"].sum()), outputs["loss"].item()))
 
 
 def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None, schedule=SCHEDULE, n_train=64,
-         optimizer=None, **trainer_kwargs):
+         optimizer=None, recorder=None, **trainer_kwargs):
     L.seed_everything(0, verbose=False)
     module = make_module(freeze_schedule=schedule, **({"optimizer": optimizer} if optimizer else {}))
-    losses = LossRecorder()
-    callbacks = [losses]
+    recorder = recorder or LossRecorder()
+    callbacks = [recorder]
     if checkpoint == "step":
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1,
                                          save_top_k=-1))
@@ -179,7 +189,7 @@ def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1))
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, datamodule=make_data(n_train=n_train), ckpt_path=ckpt_path, weights_only=weights_only)
-    return losses.losses, module, trainer
+    return recorder.records, module, trainer
 
 
 def _check_resume(tmp_path, resume_step, steps, **kwargs):
@@ -231,32 +241,14 @@ def test_resume_is_exact_from_validation_checkpoints(tmp_path, val_check_interva
                   n_train=n_train, optimizer=COSINE, limit_val_batches=1, val_check_interval=val_check_interval)
 
 
-class BatchRecorder(Callback):
-    """Per batch: global step, batch index, a checksum of the batch and the loss (several batches per step)."""
-
-    def __init__(self):
-        self.batches: list[tuple] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.batches.append((trainer.global_step, batch_idx, int(batch["input_ids"].sum()), outputs["loss"].item()))
-
-
 def test_resume_is_exact_with_gradient_accumulation(tmp_path):
     """40 samples / batch 8 = 5 batches = 3 optimizer steps per epoch with accumulate_grad_batches=2 (the last one
     from a single batch); resumed from step 4 (mid-epoch 1) the run trains the same batches with the same losses."""
-    def run(out, ckpt_path=None):
-        L.seed_everything(0, verbose=False)
-        module, recorder = make_module(), BatchRecorder()
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", filename="{step}", every_n_train_steps=1,
-                                      save_top_k=-1)
-        trainer = make_trainer(out, max_steps=6, accumulate_grad_batches=2,
-                               callbacks=[recorder] + ([] if ckpt_path else [checkpoints]))
-        trainer.fit(module, datamodule=make_data(n_train=40), ckpt_path=ckpt_path, weights_only=False)
-        return recorder.batches, module
-
-    whole, a_module = run(tmp_path / "a")
+    kwargs = dict(n_train=40, accumulate_grad_batches=2)
+    whole, a_module, _ = _run(tmp_path / "a", 6, checkpoint="step", recorder=BatchRecorder(), **kwargs)
     assert len(whole) == 10 and [b[1] for b in whole] == [0, 1, 2, 3, 4] * 2
-    resumed, b_module = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "ckpt" / "step=4.ckpt"))
+    resumed, b_module, _ = _run(tmp_path / "b", 6, ckpt_path=str(tmp_path / "a" / "ckpt" / "step=4.ckpt"),
+                                weights_only=False, recorder=BatchRecorder(), **kwargs)
     assert resumed == whole[7:]  # batches 2..4 of epoch 1: steps 4, 5 (and the partial step 6)
     for (name, pa), (_, pb) in zip(a_module.state_dict().items(), b_module.state_dict().items()):
         assert torch.equal(pa, pb), name
