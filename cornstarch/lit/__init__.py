@@ -2,7 +2,7 @@
 
 from .module import GenerationSpec, LoraSpec, MultimodalLitModule
 from .optim import OptimizerConfig, WarmupCosine
-from .schedule import FreezeSchedule, Stage, components
+from .schedule import FreezeSchedule, Stage
 
 __all__ = [
     "FreezeSchedule",
@@ -12,5 +12,4 @@ __all__ = [
     "OptimizerConfig",
     "Stage",
     "WarmupCosine",
-    "components",
 ]

@@ -12,18 +12,16 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import MeanMetric
 
+from ..batch import EVAL_KEYS, TEXT_KEYS
 from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
-from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
-from ..models.multimodal_language_model.supervised_loss import next_token_targets
+from ..models.multimodal_language_model.supervised_loss import token_accuracy
 from .optim import OptimizerConfig, WarmupCosine, components_in
-from .schedule import FreezeSchedule, Stage, components
+from .schedule import FreezeSchedule, Stage
 from .sharding import gathered_root, is_fsdp2, shard_fsdp2
 from .step_in_backward import StepInBackward
 from .strategies import after_freeze_change, prepare_strategy, sharded_fsdp1, world_size
 
 log = logging.getLogger(__name__)
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
-EXTRA_KEYS = ("answers", "prompt_input_ids", "prompt_attention_mask")
 
 
 @dataclass
@@ -104,7 +102,7 @@ class MultimodalLitModule(L.LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.loss_chunk_size = loss_chunk_size  # validated by the model
-        names = list(components(self.model))
+        names = self.model.component_names()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizer_config.validate(names)
         self.schedule = FreezeSchedule(freeze_schedule, names)
@@ -127,19 +125,11 @@ class MultimodalLitModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- schedule
     def _apply_stage(self, index: int) -> None:
-        """Set ``requires_grad`` per component for stage ``index``; frozen parts go to eval mode."""
+        """Train the components of stage ``index`` (the model logs each decision); frozen parts go to eval mode."""
         stage = self.schedule.stages[index]
-        train = set(stage.train)
-        parts = components(self.model)
-        for name, params in parts.items():
-            for _, p in params:
-                p.requires_grad_(name in train)
-        self.model.train(self.model.training)
+        log.info("Freeze stage %d (%s): %s train", index, stage.label, sorted(stage.train))
+        self.model.set_trainable_components(stage.train)
         self.stage_index = index
-        trainable = sum(p.numel() for name in train for _, p in parts[name])
-        frozen = [n for n in parts if n not in train]
-        log.info("Freeze stage %d (%s): trainable %s (%d parameters); frozen %s", index, stage.label,
-                 sorted(train), trainable, frozen)
 
     def _extend_optimizer(self) -> None:
         """Add param groups for components that start training in the current stage."""
@@ -147,7 +137,7 @@ class MultimodalLitModule(L.LightningModule):
             return
         optimizer = self.trainer.optimizers[0]
         have = components_in(optimizer)
-        parts = components(self.model)
+        parts = self.model.components()
         for name in self.schedule.trained_until(self.stage_index):
             if name not in have:
                 for group in self.optimizer_config.param_groups(name, parts[name]):
@@ -231,7 +221,7 @@ class MultimodalLitModule(L.LightningModule):
         self.restore_stage(checkpoint.get("cornstarch_stage", 0))  # after configure_optimizers: groups join too
 
     def configure_optimizers(self) -> dict[str, Any]:
-        parts = components(self.model)
+        parts = self.model.components()
         groups = [g for name in self.schedule.trained_until(self.stage_index)
                   for g in self.optimizer_config.param_groups(name, parts[name])]
         optimizer = self.optimizer_config.build(groups)
@@ -247,23 +237,15 @@ class MultimodalLitModule(L.LightningModule):
     @staticmethod
     def _split(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model inputs, and the extras (answers, generation prompts)."""
-        return ({k: v for k, v in batch.items() if k not in EXTRA_KEYS},
-                {k: v for k, v in batch.items() if k in EXTRA_KEYS})
+        return ({k: v for k, v in batch.items() if k not in EVAL_KEYS},
+                {k: v for k, v in batch.items() if k in EVAL_KEYS})
 
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
     def _teacher_forced(self, split: str, inputs: dict[str, Any]) -> torch.Tensor:
         out = self.model(**inputs)
-        positions = getattr(out, "logits_positions", None)  # set when logits exist only where supervised
-        targets = next_token_targets(inputs["labels"], positions)  # [batch, n_columns]
-        predictions = getattr(out, "predictions", None)  # given instead of logits by the chunked loss
-        if predictions is None:
-            logits = out.logits if positions is not None else out.logits[:, :-1]  # [batch, n_columns, vocab]
-            predictions = logits.argmax(-1)
-        supervised = targets != IGNORE_INDEX
-        n = supervised.sum()
-        correct = ((predictions == targets) & supervised).sum()
+        correct, n = token_accuracy(out, inputs["labels"])
         batch_size = inputs["input_ids"].shape[0]
         self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
         self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)

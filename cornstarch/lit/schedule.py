@@ -5,18 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
-
-LORA_MARK = "lora_"
-
 
 @dataclass
 class Stage:
     """One stage of a freeze schedule.
 
     Args:
-        train: components that train in this stage: ``"{key}.module"``, ``"{key}.projector"``,
-            ``"language_model"``, ``"lora"`` (adapters, when LoRA is on). All others are frozen.
+        train: components that train in this stage (``MultimodalModel.component_names()``: ``"{key}.module"``,
+            ``"{key}.projector"``, ``"language_model"``, ``"lora"`` when LoRA is on). All others are frozen.
         start: first step (or epoch) of the stage.
         unit: ``"step"`` or ``"epoch"``.
         name: a label for logs.
@@ -32,30 +28,12 @@ class Stage:
         return self.name or f"{self.unit} {self.start}+"
 
 
-def components(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Schedulable components of a ``MultimodalModel`` → their named parameters.
-
-    ``{key}.module`` and ``{key}.projector`` per encoder, ``language_model`` (without LoRA adapters) and, when
-    adapters exist, ``lora``.
-    """
-    parts: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    for key, encoder in model.encoders.items():
-        parts[f"{key}.module"] = list(encoder.module.named_parameters())
-        parts[f"{key}.projector"] = list(encoder.projector.named_parameters())
-    lm = list(model.language_model.named_parameters())
-    parts["language_model"] = [(n, p) for n, p in lm if LORA_MARK not in n]
-    adapters = [(n, p) for n, p in lm if LORA_MARK in n]
-    if adapters:
-        parts["lora"] = adapters
-    return parts
-
-
 class FreezeSchedule:
     """Validated stages, and the stage in force at a step/epoch.
 
     Args:
         stages: the stages; ``None`` or empty means one stage in which everything trains.
-        names: the model's component names (see :func:`components`).
+        names: the model's component names (``MultimodalModel.component_names()``).
 
     Raises:
         ValueError: for a stage naming an unknown component, an unknown unit, mixed units, stages out of order, or

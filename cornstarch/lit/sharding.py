@@ -28,8 +28,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.wrap import CustomPolicy
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .schedule import components
-
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
@@ -64,7 +62,7 @@ def _outermost(part: nn.Module, prefix: str, classes: set[str]) -> list[Unit]:
 
 
 def _component_of(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, params in components(model).items() for _, p in params}
+    return {id(p): name for name, params in model.components().items() for _, p in params}
 
 
 def _owned(unit: nn.Module, inner: list[nn.Module]) -> list[nn.Parameter]:

@@ -9,7 +9,8 @@
 - ``fsdp1``: :class:`MultimodalFSDPStrategy`, Lightning's ``FSDPStrategy`` (GPU only) with the auto-wrap and
   activation-checkpointing policies derived from the model.
 
-Importing ``cornstarch`` registers ``fsdp2`` and ``fsdp1`` in Lightning's ``StrategyRegistry``.
+Importing ``cornstarch.lit`` (the ``cornstarch`` command does) registers ``fsdp2`` and ``fsdp1`` in Lightning's
+``StrategyRegistry``; importing ``cornstarch`` or ``cornstarch.models`` imports no Lightning at all.
 """
 
 from __future__ import annotations

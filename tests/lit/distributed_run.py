@@ -29,7 +29,7 @@ from cornstarch.data.demo import digits_vlm_dataset  # noqa: E402
 from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
 from cornstarch.lit.module import LoraSpec, MultimodalLitModule  # noqa: E402
 from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
-from cornstarch.lit.schedule import Stage, components  # noqa: E402
+from cornstarch.lit.schedule import Stage  # noqa: E402
 from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec  # noqa: E402
 
 TRANSITION = 2  # the tower and the LM start training at this step (epoch 1 with 16 samples and global batch 8)
@@ -86,7 +86,7 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         sums = {}
-        for name, params in components(pl_module.model).items():
+        for name, params in pl_module.model.components().items():
             full = [p.full_tensor() if hasattr(p, "full_tensor") else p for _, p in params]
             sums[name] = sum(float(t.detach().double().sum()) for t in full)
         optimizer = trainer.optimizers[0]

@@ -22,7 +22,7 @@ from cornstarch.data.datamodule import DatasetSpec, MultimodalDataModule
 from cornstarch.lit.cli import main
 from cornstarch.lit.module import MultimodalLitModule
 from cornstarch.lit.optim import OptimizerConfig, components_in
-from cornstarch.lit.schedule import Stage, components
+from cornstarch.lit.schedule import Stage
 from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ class StageRecorder(Callback):
         self.steps: list[dict] = []
 
     def on_after_backward(self, trainer, pl_module):
-        parts = components(pl_module.model)
+        parts = pl_module.model.components()
         optimizer = trainer.optimizers[0]
         lrs = {}
         for group in optimizer.param_groups:
@@ -443,7 +443,7 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path):
     schedule = [Stage(["vision.projector", "lora"], start=0)]
     module = make_module(lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), freeze_schedule=schedule,
                          optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
-    parts = components(module.model)
+    parts = module.model.components()
     assert "lora" in parts and all("lora_" in n for n, _ in parts["lora"])
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = make_trainer(tmp_path, max_steps=3)

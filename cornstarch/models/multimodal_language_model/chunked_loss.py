@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .placeholders import IGNORE_INDEX
+from ...batch import IGNORE_INDEX
 
 # model_type → the name of the config attribute holding the final logit soft-capping (None: no soft-capping).
 # Each of these ``*ForCausalLM`` computes ``lm_head(decoder(...).last_hidden_state)`` and then only soft-caps.

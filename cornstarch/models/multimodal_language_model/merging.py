@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from ...batch import IGNORE_INDEX
 
 
 def modality_masks(input_ids: torch.Tensor, token_ids: dict[str, int]) -> dict[str, torch.Tensor]:

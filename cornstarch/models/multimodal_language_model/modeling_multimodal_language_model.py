@@ -1,294 +1,45 @@
 """The multimodal model: Hugging Face encoders, each with a projector, feeding a causal LM.
 
-``MultimodalProjector`` maps encoder features to the LLM's embedding width, ``ModalEncoderModule`` runs one
-encoder with its callbacks and projector, and ``MultimodalModel`` merges every modality's features into the
-LLM's input embeddings at the modality-token positions.
+``MultimodalModel`` merges every modality's features into the LLM's input embeddings at the modality-token positions
+and runs the LM. Its parts live next to it: :class:`.projector.MultimodalProjector` (features → LLM width),
+:class:`.encoder_module.ModalEncoderModule` (one encoder with its callbacks and projector), :mod:`.components`
+(what trains), :mod:`.saving` (``save_pretrained``/``from_pretrained``), :mod:`.supervised_loss` and
+:mod:`.chunked_loss` (the training loss). The first two are importable from here too, as the reference page shows.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from ..dummy_inputs import dummy_inputs
-from ..encoder_layers import LayerOutput, truncate_after
-from .configuration_multimodal_language_model import (
-    MultimodalModelConfig,
-    MultimodalProjectorConfig,
-    validate_projection,
-)
-from .import_paths import UNSERIALIZABLE, import_path, resolve
-from .merging import merge_embeddings, modality_masks
 from .chunked_loss import check_chunk_size, chunked_head_loss, fusable_head
+from .components import TrainableComponents
+from .configuration_multimodal_language_model import MultimodalProjectorConfig, validate_projection
+from .encoder_module import LM_ARGUMENTS, ModalEncoderModule, hidden_size_of
+from .merging import merge_embeddings, modality_masks
+from .projector import MultimodalProjector
+from .saving import WEIGHTS_NAME, SaveLoad
 from .supervised_loss import HiddenStatesAt, at_positions, causal_lm_loss, next_token_targets
 from .supervised_loss import supervised_positions as supervised_positions_of
 
-WEIGHTS_NAME = "model.safetensors"
+__all__ = ["LM_ARGUMENTS", "WEIGHTS_NAME", "ModalEncoderModule", "MultimodalCausalLMOutput", "MultimodalModel",
+           "MultimodalProjector", "hidden_size_of"]
+
 try:  # keyword arguments every transformers model forward accepts through **kwargs
     from transformers.utils.generic import TransformersKwargs
 
     _TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__)
 except ImportError:  # pragma: no cover
     _TRANSFORMERS_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
-CALLBACK_NAMES = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
-# Arguments of MultimodalModel.forward that belong to the language model and are never routed to an encoder.
-LM_ARGUMENTS = frozenset(
-    {"input_ids", "attention_mask", "labels", "position_ids", "inputs_embeds", "cache", "past_key_values",
-     "use_cache", "cache_position", "logits_to_keep", "token_type_ids"}
-)
-
-
-def hidden_size_of(config: Any) -> int:
-    """The feature width a Hugging Face config declares: ``hidden_size``, else ``d_model``, else ``n_embd``.
-
-    Raises:
-        ValueError: if the config has none of them.
-
-    >>> from transformers import WhisperConfig
-    >>> hidden_size_of(WhisperConfig(d_model=48))
-    48
-    """
-    for name in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"Cannot tell the hidden size of {type(config).__name__}: it has no hidden_size/d_model/n_embd.")
-
-
-def _first(output: Any) -> Any:
-    """Element 0 of an encoder output (a ``ModelOutput``, tuple or list), or the output itself if a tensor."""
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _replace_first(output: Any, value: Any) -> Any:
-    """A copy of ``output`` whose element 0 is ``value``, keeping its type."""
-    if isinstance(output, torch.Tensor):
-        return value
-    if isinstance(output, ModelOutput):
-        first_key = next(iter(output.keys()))
-        return type(output)(**{**output, first_key: value})
-    return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
-
-
-def _flatten_features(features: Any) -> torch.Tensor:
-    """``[n_items, n_tokens, hidden]`` (or a list of ``[n_tokens_i, hidden]``) → ``[n_features, hidden]``."""
-    if isinstance(features, (list, tuple)):
-        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features], dim=0)
-    return features.reshape(-1, features.shape[-1])
-
-
-def _has_params(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def _is_frozen(module: nn.Module) -> bool:
-    """True if ``module`` has parameters and none of them requires a gradient."""
-    return _has_params(module) and not any(p.requires_grad for p in module.parameters())
-
-
-def _dtype_name(module: nn.Module) -> str | None:
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return None if param is None else str(param.dtype).removeprefix("torch.")
-
-
-class MultimodalProjector(PreTrainedModel):
-    """Maps encoder features ``[..., in_features]`` to the LLM's embedding width ``[..., out_features]``.
-
-    Args:
-        config: ``projection_type="linear"`` builds one ``nn.Linear``; ``"mlp"`` Linear → activation → Linear.
-        projection: a module used as is instead of building one (its weights are kept).
-
-    Raises:
-        ValueError: if no ``projection`` is given and the config lacks ``in_features``/``out_features``.
-
-    >>> cfg = MultimodalProjectorConfig(in_features=8, out_features=16, projection_type="mlp")
-    >>> MultimodalProjector(cfg)(torch.zeros(2, 3, 8)).shape
-    torch.Size([2, 3, 16])
-    """
-
-    config_class = MultimodalProjectorConfig
-    base_model_prefix = "projector"
-    main_input_name = "hidden_states"
-    supports_gradient_checkpointing = False
-
-    def __init__(self, config: MultimodalProjectorConfig, projection: nn.Module | None = None):
-        super().__init__(config)
-        if projection is None:
-            self.projection = self._build(config)
-        else:
-            self.projection = nn.Identity()
-        self.post_init()
-        if projection is not None:  # set after post_init so the user's weights are not re-initialised
-            self.projection = projection
-
-    @staticmethod
-    def _build(config: MultimodalProjectorConfig) -> nn.Module:
-        if not isinstance(config.in_features, int) or not isinstance(config.out_features, int):
-            raise ValueError(
-                "MultimodalProjectorConfig needs integer in_features and out_features to build a projection "
-                f"(got in_features={config.in_features!r}, out_features={config.out_features!r}); or pass "
-                "projection=<your nn.Module>."
-            )
-        if config.projection_type == "linear":
-            return nn.Linear(config.in_features, config.out_features)
-        return nn.Sequential(
-            nn.Linear(config.in_features, config.out_features),
-            ACT2FN[config.activation],
-            nn.Linear(config.out_features, config.out_features),
-        )
-
-    @property
-    def is_custom(self) -> bool:
-        """Whether the projection is a user module rather than one built from the config."""
-        return not (isinstance(self.projection, nn.Linear) or isinstance(self.projection, nn.Sequential)
-                    and len(self.projection) == 3 and all(isinstance(self.projection[i], nn.Linear) for i in (0, 2)))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.projection(hidden_states)  # [..., out_features]
-
-
-class ModalEncoderModule(nn.Module):
-    """One modality: a Hugging Face encoder, its projector and optional callbacks.
-
-    Order: ``preprocess_callback(inputs) -> inputs`` → ``module(**inputs)`` →
-    ``postprocess_module_callback(inputs, output) -> output`` → ``projector(output[0])`` →
-    ``postprocess_projector_callback(inputs, output) -> output``. The features merged into the LLM are element 0
-    of the last output, flattened to ``[n_features, llm_hidden]``.
-
-    Every key the preprocess callback returns that the encoder's ``forward`` names, or that the callback added,
-    reaches the encoder as a keyword argument; other keys (e.g. ``image_sizes`` for a callback) stay visible to
-    the callbacks only. An encoder whose parameters are all frozen runs without building an autograd graph.
-
-    Args:
-        model: the encoder (``module=`` is accepted as an alias, as in the reference page).
-        projector: a :class:`MultimodalProjector` (a plain ``nn.Module`` is wrapped in one); ``None`` lets
-            :class:`MultimodalModel` create one sized encoder hidden → LLM hidden.
-        preprocess_callback, postprocess_module_callback, postprocess_projector_callback: see above.
-        feature_layer: take the features from this layer (an index into the encoder's layer list: ``-2`` is
-            Llava's default) instead of the encoder's final output. The layers after it are removed from the
-            encoder (never computed, never saved); its raw output, before any final norm or pooling head, becomes
-            element 0 of the encoder output the callbacks see. ``None``: the encoder's output as is.
-
-    Raises:
-        ValueError: if no encoder module is given, ``model`` and ``module`` disagree, or ``feature_layer`` does
-            not fit the encoder.
-
-    >>> # Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
-    >>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
-    """
-
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        projector: nn.Module | None = None,
-        preprocess_callback: Callable[[dict], dict] | None = None,
-        postprocess_module_callback: Callable[[dict, Any], Any] | None = None,
-        postprocess_projector_callback: Callable[..., Any] | None = None,
-        feature_layer: int | None = None,
-        *,
-        module: nn.Module | None = None,
-    ):
-        super().__init__()
-        if model is not None and module is not None and model is not module:
-            raise ValueError("ModalEncoderModule got both model= and module= (aliases); pass one.")
-        model = model if model is not None else module
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"ModalEncoderModule needs an encoder nn.Module as model= (or module=), got {model!r}.")
-        if projector is not None and not isinstance(projector, MultimodalProjector):
-            if not isinstance(projector, nn.Module):
-                raise ValueError(f"projector must be a MultimodalProjector or nn.Module, got {type(projector).__name__}.")
-            projector = MultimodalProjector(MultimodalProjectorConfig(), projection=projector)
-        self.module = model
-        self.projector = projector
-        self.preprocess_callback = preprocess_callback
-        self.postprocess_module_callback = postprocess_module_callback
-        self.postprocess_projector_callback = postprocess_projector_callback
-        # After truncation the selected layer is the encoder's last one: -1 from then on (and when saved).
-        self.feature_layer = None if feature_layer is None else -1
-        self._layers_path = None if feature_layer is None else truncate_after(model, feature_layer)
-        params = inspect.signature(model.forward).parameters.values()
-        self._module_arguments = frozenset(
-            p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        )
-
-    @property
-    def input_names(self) -> frozenset[str]:
-        """Names of the batch entries routed to this encoder by :class:`MultimodalModel` (its ``forward``'s)."""
-        return self._module_arguments - LM_ARGUMENTS
-
-    @property
-    def hidden_size(self) -> int:
-        """The encoder's output width, from its config."""
-        return hidden_size_of(self.module.config)
-
-    def _needs_grad(self, kwargs: dict[str, Any]) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        if any(p.requires_grad for p in self.module.parameters()):
-            return True
-        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values())
-
-    def forward(self, **inputs: Any) -> torch.Tensor:
-        """Encode, project and post-process one modality's batch.
-
-        Returns:
-            ``[n_features, out_features]``: all items' features, item after item.
-        """
-        if self.projector is None:
-            raise ValueError(
-                "This ModalEncoderModule has no projector yet: give one, or put it in a MultimodalModel, which "
-                "creates it."
-            )
-        raw_keys = inputs.keys()
-        if self.preprocess_callback is not None:
-            inputs = self.preprocess_callback(inputs)
-        passed = {k: v for k, v in inputs.items() if k in self._module_arguments or k not in raw_keys}
-        with torch.set_grad_enabled(self._needs_grad(passed)):
-            if self._layers_path is None:
-                output = self.module(**passed)  # element 0: [n_items, n_tokens, hidden]
-            else:
-                with LayerOutput(self.module.get_submodule(self._layers_path)[-1]) as selected:
-                    output = self.module(**passed)
-                output = _replace_first(output, selected.value)  # the selected layer's raw output
-        if self.postprocess_module_callback is not None:
-            output = self.postprocess_module_callback(inputs, output)
-        output = _replace_first(output, self.projector(_first(output)))
-        if self.postprocess_projector_callback is not None:
-            output = self.postprocess_projector_callback(inputs, output)
-        return _flatten_features(_first(output))  # [n_features, out_features]
-
-
-def _part_spec(module: nn.Module) -> dict[str, Any]:
-    config = module.config
-    return {
-        "model_class": import_path(type(module)),
-        "config_class": import_path(type(config)),
-        "config": config.to_dict(),
-        "dtype": _dtype_name(module),
-    }
-
-
-def _build_part(spec: dict[str, Any], what: str) -> nn.Module:
-    if UNSERIALIZABLE in (spec["model_class"], spec["config_class"]):
-        raise ValueError(f"The saved {what} names a class that cannot be imported ({spec['model_class']}).")
-    config = resolve(spec["config_class"]).from_dict(spec["config"])
-    module = resolve(spec["model_class"])(config)
-    if hasattr(module, "tie_weights"):  # no_init_weights() also skips tying (GPT-2, Gemma share embeddings)
-        module.tie_weights()
-    return module.to(getattr(torch, spec["dtype"])) if spec.get("dtype") else module
 
 
 @dataclass
@@ -305,7 +56,7 @@ class MultimodalCausalLMOutput(CausalLMOutputWithPast):
     predictions: torch.LongTensor | None = None
 
 
-class MultimodalModel(nn.Module):
+class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
     """A causal LM fed by any number of modality encoders.
 
     Args:
@@ -639,135 +390,6 @@ class MultimodalModel(nn.Module):
         sequences[:, : input_ids.shape[1]] = input_ids
         return output
 
-    # ----------------------------------------------------------------------------------------------- training
-    def train(
-        self,
-        mode: bool | Mapping[str, tuple[bool, bool]] = True,
-        encoders_mode: Mapping[str, tuple[bool, bool]] | None = None,
-        llm_mode: bool | None = None,
-    ) -> "MultimodalModel":
-        """``nn.Module.train``, plus freezing as the reference describes.
-
-        ``mllm.train(encoders_mode={"vision": (module_trains, projector_trains)}, llm_mode=False)`` sets
-        ``requires_grad`` of each named encoder module / projector and of the LM (``None``: unchanged). A part
-        whose parameters are all frozen is kept in eval mode (no dropout); the rest follow ``mode``.
-
-        Raises:
-            ValueError: for an unknown key in ``encoders_mode`` or a value that is not a pair of booleans.
-        """
-        if isinstance(mode, Mapping):
-            mode, encoders_mode = True, mode
-        for key, pair in (encoders_mode or {}).items():
-            if key not in self._encoder_keys:
-                raise ValueError(f"train(encoders_mode=...) names {key!r}, which is no encoder; encoders: {list(self._encoder_keys)}.")
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(b, bool) for b in pair)):
-                raise ValueError(f"encoders_mode[{key!r}] must be (module_trains: bool, projector_trains: bool), got {pair!r}.")
-            encoder = self.encoders[key]
-            encoder.module.requires_grad_(pair[0])
-            encoder.projector.requires_grad_(pair[1])
-        if llm_mode is not None:
-            self.language_model.requires_grad_(bool(llm_mode))
-        super().train(mode)
-        if mode:
-            for part in self._parts():
-                if _is_frozen(part):
-                    part.eval()
-        return self
-
-    def _parts(self) -> list[nn.Module]:
-        parts: list[nn.Module] = []
-        for encoder in self.encoders.values():
-            parts += [encoder.module, encoder.projector]
-        return parts + [self.language_model]
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Turn on activation checkpointing in the LM and every encoder that supports it."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        for part in self._parts():
-            if not getattr(part, "supports_gradient_checkpointing", False):
-                continue
-            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2 name
-                part.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        for part in self._parts():
-            if not getattr(part, "supports_gradient_checkpointing", False):
-                continue
-            if hasattr(part, "activation_checkpointing_disable"):
-                part.activation_checkpointing_disable()
-            else:
-                part.gradient_checkpointing_disable()
-
-    # ----------------------------------------------------------------------------------------------- save / load
-    @property
-    def config(self) -> MultimodalModelConfig:
-        """The composite's config: every part's class and config, projectors, callbacks and token ids."""
-        encoders = {}
-        for key, encoder in self.encoders.items():
-            projector = encoder.projector
-            encoders[key] = {
-                **_part_spec(encoder.module),
-                "projector": projector.config.to_dict(),
-                "custom_projection": import_path(type(projector.projection)) if projector.is_custom else None,
-                "callbacks": {
-                    name: import_path(fn) for name in CALLBACK_NAMES if (fn := getattr(encoder, name)) is not None
-                },
-                "feature_layer": encoder.feature_layer,
-            }
-        return MultimodalModelConfig(
-            encoders=encoders,
-            encoder_order=list(self._encoder_keys),
-            language_model=_part_spec(self.language_model),
-            modality_token_ids=dict(self.modality_token_ids),
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` (and the LM's ``generation_config.json``) to a directory."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.config.save_pretrained(save_directory)
-        save_model(self, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        generation_config = getattr(self.language_model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(save_directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_path: str | os.PathLike,
-        encoders_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-        device: str | torch.device | None = None,
-    ) -> "MultimodalModel":
-        """Load a model written by :meth:`save_pretrained`, bit-exactly.
-
-        Args:
-            pretrained_model_path: the directory.
-            encoders_kwargs: per modality, ``ModalEncoderModule`` arguments to use instead of the saved ones:
-                callbacks that are not importable module-level functions, or a ``projector`` with a custom
-                projection module.
-            device: where to put the model.
-
-        Raises:
-            ValueError: if a saved callback or custom projection cannot be rebuilt and was not given.
-        """
-        config = MultimodalModelConfig.from_pretrained(pretrained_model_path)
-        encoders_kwargs = {k: dict(v) for k, v in (encoders_kwargs or {}).items()}
-        with no_init_weights():
-            order = config.encoder_order or list(config.encoders)  # config JSON sorts keys; the order matters
-            encoders = {
-                key: ModalEncoderModule(
-                    _build_part(config.encoders[key], f"{key} encoder"),
-                    **_encoder_kwargs(key, config.encoders[key], encoders_kwargs.get(key, {})),
-                )
-                for key in order
-            }
-            model = cls(encoders, _build_part(config.language_model, "language model"))
-        model.set_modality_token_ids(config.modality_token_ids)
-        load_model(model, os.path.join(pretrained_model_path, WEIGHTS_NAME), strict=True)
-        if os.path.exists(os.path.join(pretrained_model_path, "generation_config.json")):
-            model.language_model.generation_config = GenerationConfig.from_pretrained(pretrained_model_path)
-        return model.to(device) if device is not None else model
 
 
 def _has_items(inputs: Mapping[str, Any]) -> bool:
@@ -777,26 +399,3 @@ def _has_items(inputs: Mapping[str, Any]) -> bool:
         return bool(inputs)
     return any(t.numel() > 0 for t in tensors)
 
-
-def _encoder_kwargs(key: str, spec: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """ModalEncoderModule arguments for a saved encoder: the given ones, else the saved projector and callbacks."""
-    kwargs = dict(given)
-    kwargs.setdefault("feature_layer", spec.get("feature_layer"))
-    for name, path in spec.get("callbacks", {}).items():
-        if name in kwargs:
-            continue
-        if path == UNSERIALIZABLE:
-            raise ValueError(
-                f"The {key} encoder was saved with a {name} that is not an importable module-level function; pass "
-                f"it again: from_pretrained(..., encoders_kwargs={{{key!r}: {{{name!r}: fn}}}})."
-            )
-        kwargs[name] = resolve(path)
-    if "projector" not in kwargs:
-        projector_config = MultimodalProjectorConfig.from_dict(spec["projector"])
-        if spec.get("custom_projection"):
-            raise ValueError(
-                f"The {key} projector wraps a custom module ({spec['custom_projection']}); pass it again: "
-                f"from_pretrained(..., encoders_kwargs={{{key!r}: {{'projector': MultimodalProjector(config, projection=...)}}}})."
-            )
-        kwargs["projector"] = MultimodalProjector(projector_config)
-    return kwargs

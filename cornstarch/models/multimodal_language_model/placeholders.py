@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from ...batch import IGNORE_INDEX
 
 
 def assign_items(placeholders: Sequence[int], counts: Sequence[int], key: str, token: str) -> list[list[int]]:

@@ -22,26 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .placeholders import IGNORE_INDEX
-
-
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat positions ``row * seq + t`` whose next label ``labels[row, t + 1]`` is supervised.
-
-    Args:
-        labels: ``[batch, seq]`` with -100 where nothing is supervised.
-
-    Returns:
-        ``[n_supervised]`` sorted int64 indices into the ``[batch * seq]`` flattened positions, on ``labels``'
-        device. Computing it waits for the device, so for accelerator training the data layer computes it on the
-        CPU and passes it as ``supervised_positions``.
-    """
-    return (_shifted(labels) != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # [n_supervised]
-
-
-def _shifted(labels: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq]``: at ``t`` the label of ``t + 1`` (-100 in the last column)."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+from ...batch import IGNORE_INDEX, next_labels, supervised_positions
 
 
 def next_token_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -53,7 +34,7 @@ def next_token_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> 
     """
     if positions is None:
         return labels[:, 1:]
-    return at_positions(_shifted(labels), positions)  # [1, n]
+    return at_positions(next_labels(labels), positions)  # [1, n]
 
 
 def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -132,3 +113,41 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, sample_of_targe
     counts = torch.bincount(sample, minlength=n_samples).to(totals.dtype)
     return totals / counts  # [n_samples]
 
+
+
+def predicted_and_target_tokens(output: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token each computed logit predicts (its argmax) and the label it is scored against, for any training
+    forward's output: full logits ``[batch, seq, vocab]``, logits at the supervised positions
+    (``logits_positions``), or the chunked loss's ``predictions`` with no logits.
+
+    Args:
+        output: a :class:`~cornstarch.models.multimodal_language_model.MultimodalModel` forward's output.
+        labels: the ``[batch, seq]`` labels given to that forward.
+
+    Returns:
+        ``(predictions, targets)`` of one shape (``[batch, seq - 1]`` or ``[1, n_supervised]``); targets are
+        ``IGNORE_INDEX`` where nothing is supervised.
+    """
+    positions = getattr(output, "logits_positions", None)  # set when logits exist only where supervised
+    targets = next_token_targets(labels, positions)
+    predictions = getattr(output, "predictions", None)  # given instead of logits by the chunked loss
+    if predictions is None:
+        logits = output.logits if positions is not None else output.logits[:, :-1]  # [*, n, vocab]
+        predictions = logits.argmax(-1)
+    return predictions, targets
+
+
+def token_accuracy(output: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctly predicted and supervised token counts of a training forward (any output shape, see
+    :func:`predicted_and_target_tokens`), as 0-d tensors on the model's device (no host sync).
+
+    >>> from types import SimpleNamespace
+    >>> labels = torch.tensor([[-100, 4, 5]])
+    >>> logits = torch.nn.functional.one_hot(torch.tensor([[4, 9, 0]]), 10).float()  # predicts 4, then 9
+    >>> correct, total = token_accuracy(SimpleNamespace(logits=logits), labels)
+    >>> int(correct), int(total)
+    (1, 2)
+    """
+    predictions, targets = predicted_and_target_tokens(output, labels)
+    supervised = targets != IGNORE_INDEX
+    return ((predictions == targets) & supervised).sum(), supervised.sum()

@@ -1,0 +1,171 @@
+"""``ModalEncoderModule``: one modality's Hugging Face encoder, its callbacks and its projector."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..encoder_layers import LayerOutput, truncate_after
+from .configuration_multimodal_language_model import MultimodalProjectorConfig
+from .projector import MultimodalProjector
+
+# Arguments of MultimodalModel.forward that belong to the language model and are never routed to an encoder.
+LM_ARGUMENTS = frozenset(
+    {"input_ids", "attention_mask", "labels", "position_ids", "inputs_embeds", "cache", "past_key_values",
+     "use_cache", "cache_position", "logits_to_keep", "token_type_ids"}
+)
+
+
+def hidden_size_of(config: Any) -> int:
+    """The feature width a Hugging Face config declares: ``hidden_size``, else ``d_model``, else ``n_embd``.
+
+    Raises:
+        ValueError: if the config has none of them.
+
+    >>> from transformers import WhisperConfig
+    >>> hidden_size_of(WhisperConfig(d_model=48))
+    48
+    """
+    for name in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"Cannot tell the hidden size of {type(config).__name__}: it has no hidden_size/d_model/n_embd.")
+
+
+def _first(output: Any) -> Any:
+    """Element 0 of an encoder output (a ``ModelOutput``, tuple or list), or the output itself if a tensor."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _replace_first(output: Any, value: Any) -> Any:
+    """A copy of ``output`` whose element 0 is ``value``, keeping its type."""
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, ModelOutput):
+        first_key = next(iter(output.keys()))
+        return type(output)(**{**output, first_key: value})
+    return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
+
+
+def _flatten_features(features: Any) -> torch.Tensor:
+    """``[n_items, n_tokens, hidden]`` (or a list of ``[n_tokens_i, hidden]``) → ``[n_features, hidden]``."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features], dim=0)
+    return features.reshape(-1, features.shape[-1])
+
+
+class ModalEncoderModule(nn.Module):
+    """One modality: a Hugging Face encoder, its projector and optional callbacks.
+
+    Order: ``preprocess_callback(inputs) -> inputs`` → ``module(**inputs)`` →
+    ``postprocess_module_callback(inputs, output) -> output`` → ``projector(output[0])`` →
+    ``postprocess_projector_callback(inputs, output) -> output``. The features merged into the LLM are element 0
+    of the last output, flattened to ``[n_features, llm_hidden]``.
+
+    Every key the preprocess callback returns that the encoder's ``forward`` names, or that the callback added,
+    reaches the encoder as a keyword argument; other keys (e.g. ``image_sizes`` for a callback) stay visible to
+    the callbacks only. An encoder whose parameters are all frozen runs without building an autograd graph.
+
+    Args:
+        model: the encoder (``module=`` is accepted as an alias, as in the reference page).
+        projector: a :class:`MultimodalProjector` (a plain ``nn.Module`` is wrapped in one); ``None`` lets
+            :class:`MultimodalModel` create one sized encoder hidden → LLM hidden.
+        preprocess_callback, postprocess_module_callback, postprocess_projector_callback: see above.
+        feature_layer: take the features from this layer (an index into the encoder's layer list: ``-2`` is
+            Llava's default) instead of the encoder's final output. The layers after it are removed from the
+            encoder (never computed, never saved); its raw output, before any final norm or pooling head, becomes
+            element 0 of the encoder output the callbacks see. ``None``: the encoder's output as is.
+
+    Raises:
+        ValueError: if no encoder module is given, ``model`` and ``module`` disagree, or ``feature_layer`` does
+            not fit the encoder.
+
+    >>> # Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
+    >>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        projector: nn.Module | None = None,
+        preprocess_callback: Callable[[dict], dict] | None = None,
+        postprocess_module_callback: Callable[[dict, Any], Any] | None = None,
+        postprocess_projector_callback: Callable[..., Any] | None = None,
+        feature_layer: int | None = None,
+        *,
+        module: nn.Module | None = None,
+    ):
+        super().__init__()
+        if model is not None and module is not None and model is not module:
+            raise ValueError("ModalEncoderModule got both model= and module= (aliases); pass one.")
+        model = model if model is not None else module
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"ModalEncoderModule needs an encoder nn.Module as model= (or module=), got {model!r}.")
+        if projector is not None and not isinstance(projector, MultimodalProjector):
+            if not isinstance(projector, nn.Module):
+                raise ValueError(f"projector must be a MultimodalProjector or nn.Module, got {type(projector).__name__}.")
+            projector = MultimodalProjector(MultimodalProjectorConfig(), projection=projector)
+        self.module = model
+        self.projector = projector
+        self.preprocess_callback = preprocess_callback
+        self.postprocess_module_callback = postprocess_module_callback
+        self.postprocess_projector_callback = postprocess_projector_callback
+        # After truncation the selected layer is the encoder's last one: -1 from then on (and when saved).
+        self.feature_layer = None if feature_layer is None else -1
+        self._layers_path = None if feature_layer is None else truncate_after(model, feature_layer)
+        params = inspect.signature(model.forward).parameters.values()
+        self._module_arguments = frozenset(
+            p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        )
+
+    @property
+    def input_names(self) -> frozenset[str]:
+        """Names of the batch entries routed to this encoder by :class:`MultimodalModel` (its ``forward``'s)."""
+        return self._module_arguments - LM_ARGUMENTS
+
+    @property
+    def hidden_size(self) -> int:
+        """The encoder's output width, from its config."""
+        return hidden_size_of(self.module.config)
+
+    def _needs_grad(self, kwargs: dict[str, Any]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if any(p.requires_grad for p in self.module.parameters()):
+            return True
+        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values())
+
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        """Encode, project and post-process one modality's batch.
+
+        Returns:
+            ``[n_features, out_features]``: all items' features, item after item.
+        """
+        if self.projector is None:
+            raise ValueError(
+                "This ModalEncoderModule has no projector yet: give one, or put it in a MultimodalModel, which "
+                "creates it."
+            )
+        raw_keys = inputs.keys()
+        if self.preprocess_callback is not None:
+            inputs = self.preprocess_callback(inputs)
+        passed = {k: v for k, v in inputs.items() if k in self._module_arguments or k not in raw_keys}
+        with torch.set_grad_enabled(self._needs_grad(passed)):
+            if self._layers_path is None:
+                output = self.module(**passed)  # element 0: [n_items, n_tokens, hidden]
+            else:
+                with LayerOutput(self.module.get_submodule(self._layers_path)[-1]) as selected:
+                    output = self.module(**passed)
+                output = _replace_first(output, selected.value)  # the selected layer's raw output
+        if self.postprocess_module_callback is not None:
+            output = self.postprocess_module_callback(inputs, output)
+        output = _replace_first(output, self.projector(_first(output)))
+        if self.postprocess_projector_callback is not None:
+            output = self.postprocess_projector_callback(inputs, output)
+        return _flatten_features(_first(output))  # [n_features, out_features]
+
