@@ -33,7 +33,12 @@ class MultimodalProcessor:
 
     Registers one special token per modality (``<vision>``, ``<audio>``, … or ``predefined_tokens``) without
     dropping the tokenizer's existing special tokens, tells ``model`` their ids, and expands each placeholder into
-    as many tokens as its item yields features.
+    as many tokens as its item yields features. Like a transformers processor, it also offers :meth:`decode`,
+    :meth:`batch_decode` and :meth:`apply_chat_template` (the LM tokenizer's) and :attr:`model_input_names`.
+
+    The attributes ``encoder_processors``, ``llm_tokenizer`` and ``num_feature_calculation_funcs`` are the very
+    objects given (the tokenizer gains the modality tokens); ``tokenizer`` is another name for ``llm_tokenizer``.
+    Replacing them after construction is not supported: tokens and counts are worked out when it is built.
 
     Args:
         encoder_processors: modality key → that encoder's processor (image processor, feature extractor, …).
@@ -47,9 +52,26 @@ class MultimodalProcessor:
     Raises:
         ValueError: if a key names no encoder of ``model``.
 
-    >>> # processor = MultimodalProcessor({"vision": CLIPImageProcessor()}, tokenizer, model=mllm,
-    >>> #                                 predefined_tokens={"vision": "<image>"})
-    >>> # batch = processor({"vision": {"images": [img]}}, {"text": "<image> What is this?"})
+    >>> from PIL import Image
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+    >>> backend = Tokenizer(models.WordLevel({"<unk>": 0, "USER:": 1, "what?": 2}, unk_token="<unk>"))
+    >>> backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+    >>> image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    >>> processor = MultimodalProcessor(
+    ...     encoder_processors={"vision": image_processor},
+    ...     llm_tokenizer=tokenizer,
+    ...     num_feature_calculation_funcs={"vision": lambda inputs, outputs: [4] * len(outputs["pixel_values"])},
+    ...     predefined_tokens={"vision": "<image>"},
+    ... )
+    >>> batch = processor({"vision": {"images": [Image.new("RGB", (40, 40))]}}, {"text": "USER: <image> what?"})
+    >>> batch["input_ids"].tolist(), batch["pixel_values"].shape
+    ([[1, 3, 3, 3, 3, 2]], torch.Size([1, 3, 32, 32]))
+    >>> processor.llm_tokenizer is processor.tokenizer is tokenizer
+    True
+    >>> processor.decode(batch["input_ids"][0], skip_special_tokens=True)
+    'USER: what?'
     """
 
     def __init__(
@@ -61,20 +83,21 @@ class MultimodalProcessor:
         predefined_tokens: Mapping[str, str] | None = None,
         _counter_specs: Mapping[str, dict] | None = None,
     ):
-        self.encoder_processors = dict(encoder_processors)
-        self.tokenizer = llm_tokenizer
-        funcs = dict(num_feature_calculation_funcs or {})
+        self.encoder_processors = encoder_processors
+        self.llm_tokenizer = llm_tokenizer
+        funcs = {} if num_feature_calculation_funcs is None else num_feature_calculation_funcs
+        self.num_feature_calculation_funcs = funcs
         predefined = dict(predefined_tokens or {})
-        keys = list(self.encoder_processors)
+        keys = list(encoder_processors)
         if model is not None:
             unknown = set(keys) - set(model.encoders)
             if unknown:
                 raise ValueError(f"Processors for {sorted(unknown)}, but the model's encoders are {list(model.encoders)}.")
         self.tokens = {key: predefined.get(key, f"<{key}>") for key in keys}
-        new = [t for t in self.tokens.values() if t not in self.tokenizer.get_vocab()]
+        new = [t for t in self.tokens.values() if t not in llm_tokenizer.get_vocab()]
         if new:
-            self.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-        self.token_ids = {key: self.tokenizer.convert_tokens_to_ids(tok) for key, tok in self.tokens.items()}
+            llm_tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        self.token_ids = {key: llm_tokenizer.convert_tokens_to_ids(tok) for key, tok in self.tokens.items()}
         self._counter_specs = dict(_counter_specs or {})
         self.counters: dict[str, Callable] = {}
         for key in keys:
@@ -93,6 +116,24 @@ class MultimodalProcessor:
                 self.counters[key] = _counter_from_spec(self._counter_specs[key])
         if model is not None:
             model.set_modality_token_ids(self.token_ids)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The LM tokenizer (the same object as ``llm_tokenizer``), under transformers' processor name."""
+        return self.llm_tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.llm_tokenizer = value
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """Names of the tensors a call returns: ``input_ids``, ``attention_mask`` (if the tokenizer makes one) and
+        each encoder processor's ``model_input_names``, without repeats."""
+        names = ["input_ids"] + [n for n in ("attention_mask",) if n in self.tokenizer.model_input_names]
+        for processor in self.encoder_processors.values():
+            names += list(getattr(processor, "model_input_names", ()))
+        return list(dict.fromkeys(names))
 
     # ----------------------------------------------------------------------------------------------- pieces
     def process_modality(self, key: str, inputs: Mapping[str, Any], **shared: Any) -> tuple[dict[str, Any], list[int]]:
@@ -117,6 +158,82 @@ class MultimodalProcessor:
     def expand(self, ids: list[int], counts: Mapping[str, list[int]], labels: list[int] | None = None):
         """One sample's ids (one placeholder per item) → ids with placeholders expanded (see ``expand_placeholders``)."""
         return expand_placeholders(ids, self.token_ids, counts, labels)
+
+    # ----------------------------------------------------------------------------------------------- text
+    def decode(self, *args: Any, **kwargs: Any) -> str | list[str]:
+        """The LM tokenizer's ``decode``: all arguments are passed on (as transformers' processors do).
+
+        Args:
+            *args: token ids (a list, array or tensor) and whatever else the tokenizer's ``decode`` takes.
+            **kwargs: e.g. ``skip_special_tokens=True`` (which also drops the modality tokens).
+
+        Returns:
+            The tokenizer's result: the text.
+
+        >>> from tokenizers import Tokenizer, models
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> vocab = models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>")
+        >>> processor = MultimodalProcessor({}, PreTrainedTokenizerFast(tokenizer_object=Tokenizer(vocab)))
+        >>> processor.decode([1, 2])
+        'hello world'
+        """
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        """The LM tokenizer's ``batch_decode``: all arguments are passed on (as transformers' processors do).
+
+        Args:
+            *args: a batch of token id sequences, and whatever else the tokenizer's ``batch_decode`` takes.
+            **kwargs: e.g. ``skip_special_tokens=True``.
+
+        Returns:
+            The tokenizer's result: one text per sequence.
+
+        >>> from tokenizers import Tokenizer, models
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> vocab = models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>")
+        >>> processor = MultimodalProcessor({}, PreTrainedTokenizerFast(tokenizer_object=Tokenizer(vocab)))
+        >>> processor.batch_decode([[1, 2], [2]])
+        ['hello world', 'world']
+        """
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, tokenize: bool = False,
+                            **kwargs: Any) -> Any:
+        """The LM tokenizer's ``apply_chat_template``, returning the rendered text unless ``tokenize=True``.
+
+        The conversation goes to the template unchanged: write each item as its placeholder in the text
+        (``"<image> What is this?"``), or as a content part (``{"type": "image"}``) if the template renders parts.
+        Pass the text to the processor call to expand the placeholders; when the template writes the BOS token
+        itself, add ``"add_special_tokens": False`` to ``llm_inputs`` so it is not written twice.
+
+        Args:
+            conversation: messages ``[{"role": ..., "content": ...}, ...]``, or a batch of such lists.
+            chat_template: a Jinja template to use instead of the tokenizer's.
+            tokenize: ``False`` (the default, as for transformers' processors): return the text. ``True``: the
+                tokenizer's tokenized result, in which each placeholder is still a single token.
+            **kwargs: the tokenizer's other arguments (``add_generation_prompt``, ``return_dict``, ``tools``, …).
+
+        Returns:
+            Exactly what ``llm_tokenizer.apply_chat_template`` returns for the same arguments.
+
+        Raises:
+            ValueError: if neither ``chat_template`` nor the tokenizer has a template (raised by the tokenizer).
+
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+        >>> backend = Tokenizer(models.WordLevel({"<unk>": 0, "USER:": 1, "what?": 2}, unk_token="<unk>"))
+        >>> backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+        >>> tokenizer.chat_template = "{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'] }} {% endfor %}"
+        >>> processor = MultimodalProcessor({"vision": CLIPImageProcessor()}, tokenizer)
+        >>> processor.apply_chat_template([{"role": "user", "content": "<vision> what?"}])
+        'USER: <vision> what? '
+        >>> processor.apply_chat_template([{"role": "user", "content": "<vision> what?"}], tokenize=True)["input_ids"]
+        [1, 3, 2]
+        """
+        return self.tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, tokenize=tokenize, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- call
     def __call__(
@@ -187,7 +304,16 @@ class MultimodalProcessor:
 
     # ----------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the tokenizer, each encoder processor (in ``{key}/``) and ``cornstarch_processor.json``."""
+        """Write the tokenizer, each encoder processor (in ``{key}/``) and ``cornstarch_processor.json``.
+
+        The JSON records each modality's processor class, placeholder token and how its features are counted:
+        the encoder config and callbacks behind a built-in count, or the import path of a module-level function
+        from ``num_feature_calculation_funcs``. Lambdas, closures and bound methods cannot be saved; give them to
+        :meth:`from_pretrained` again.
+
+        Args:
+            save_directory: the directory (created if missing).
+        """
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
         encoders = {}
@@ -210,7 +336,20 @@ class MultimodalProcessor:
         model: Any = None,
         num_feature_calculation_funcs: Mapping[str, Callable] | None = None,
     ) -> "MultimodalProcessor":
-        """Load a processor written by :meth:`save_pretrained` (offline; nothing is downloaded)."""
+        """Load a processor written by :meth:`save_pretrained` (offline; nothing is downloaded).
+
+        Args:
+            path: the directory.
+            model: a :class:`MultimodalModel` to tell the token ids (and count features from), as in the constructor.
+            num_feature_calculation_funcs: count functions, in place of the saved ones (needed for those that could
+                not be saved).
+
+        Returns:
+            A processor whose ``llm_tokenizer`` is the saved tokenizer (modality tokens included), whose
+            ``encoder_processors`` is a dict of the saved processors, and whose ``num_feature_calculation_funcs``
+            holds the given functions plus the saved module-level ones. Built-in counts come back from the saved
+            encoder configs, so no model is needed to process inputs.
+        """
         with open(os.path.join(path, PROCESSOR_CONFIG)) as f:
             encoders = json.load(f)["encoders"]
         funcs = dict(num_feature_calculation_funcs or {})
