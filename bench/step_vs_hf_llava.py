@@ -79,7 +79,7 @@ from cornstarch.models.multimodal_language_model import (  # noqa: E402
     MultimodalProjectorConfig,
 )
 from cornstarch.models.multimodal_language_model.chunked_loss import chunked_head_loss  # noqa: E402
-from cornstarch.models.multimodal_language_model.placeholders import IGNORE_INDEX  # noqa: E402
+from cornstarch.batch import IGNORE_INDEX  # noqa: E402
 from cornstarch.models.multimodal_language_model.supervised_loss import (  # noqa: E402
     causal_lm_loss,
     next_token_targets,

@@ -32,7 +32,7 @@ from .supervised_loss import HiddenStatesAt, at_positions, causal_lm_loss, next_
 from .supervised_loss import supervised_positions as supervised_positions_of
 
 __all__ = ["LM_ARGUMENTS", "WEIGHTS_NAME", "ModalEncoderModule", "MultimodalCausalLMOutput", "MultimodalModel",
-           "MultimodalProjector", "hidden_size_of"]
+           "MultimodalProjector", "MultimodalProjectorConfig", "hidden_size_of"]
 
 try:  # keyword arguments every transformers model forward accepts through **kwargs
     from transformers.utils.generic import TransformersKwargs
@@ -70,9 +70,17 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
         ValueError: for an encoder that is not a ``ModalEncoderModule``, a bad key, an unknown projector type or
             activation, or a given projector whose sizes do not fit the encoder and the LLM.
 
-    >>> # mllm = MultimodalModel({"vision": ModalEncoderModule(clip)}, llama)
-    >>> # mllm.set_modality_token_ids({"vision": 32000})
-    >>> # out = mllm(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
+    >>> from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    >>> clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    ...                                         num_attention_heads=2, image_size=8, patch_size=4))
+    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8,
+    ...                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    >>> mllm = MultimodalModel({"vision": ModalEncoderModule(clip)}, llama)
+    >>> mllm.set_modality_token_ids({"vision": 16})  # outside the LM's vocabulary
+    >>> ids = torch.tensor([[1] + [16] * 5 + [3, 4]])  # one 8x8 image: 4 patches + CLS = 5 features
+    >>> out = mllm(input_ids=ids, labels=ids, pixel_values=torch.randn(1, 3, 8, 8))
+    >>> out.logits.shape  # training mode with labels: logits only where a token is supervised
+    torch.Size([1, 2, 16])
     """
 
     def __init__(
