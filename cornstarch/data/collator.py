@@ -12,9 +12,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
 from .conversation import render_segments, to_messages
 from .media import SampleError, load_audio, load_image
+
+ANSWERS, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = EVAL_KEYS  # the eval keys by name
 
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
@@ -58,9 +60,10 @@ class MultimodalCollator:
 
     A sample is ``{"messages": [...]}`` or ``{"prompt": ..., "answer": ...}`` plus a list of items per modality
     field (``images``, ``audios``; see ``fields``). Only answers are supervised: prompt, modality tokens and
-    padding are -100. Modality tokens per sample are counted here, on the CPU. ``collate(samples)`` is
-    ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media, template, tokens,
-    expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads and stacks.
+    padding are ``IGNORE_INDEX`` (-100). Modality tokens per sample are counted here, on the CPU.
+    ``collate(samples)`` is ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media,
+    template, tokens, expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads
+    and stacks.
 
     Args:
         processor: the :class:`MultimodalProcessor` (tokenizer, encoder processors, token ids, feature counts).
@@ -164,7 +167,7 @@ class MultimodalCollator:
         Each item is taken to yield as many features as the first item of its modality processed here (exact for
         fixed-size encoders: every supported vision tower and Whisper-style audio encoder).
         """
-        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
                 for (ids, _), its in zip(tokenized, items_per_sample)]
@@ -176,7 +179,7 @@ class MultimodalCollator:
 
     def remember_item_count(self, key: str, sample: Mapping[str, Any]) -> None:
         """Process one item of ``sample`` to learn how many features a ``key`` item yields."""
-        items = self._items(sample, sample.get("__index__", 0))
+        items = self._items(sample, sample.get(INDEX_KEY, 0))
         _, counts = self._process([{k: v[:1] if k == key else [] for k, v in items.items()}])
         self._item_counts[key] = counts[key][0][0]
 
@@ -207,7 +210,7 @@ class MultimodalCollator:
 
     def _encode(self, samples: Sequence[Mapping[str, Any]]) -> tuple[dict[str, list], dict[str, Any]]:
         """Columns of :meth:`encode`, and processor outputs that are not one row per item (kept whole)."""
-        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         items = [self._items(s, idx) for s, idx in zip(samples, indices)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         for (ids, _), its, idx in zip(tokenized, items, indices):
@@ -230,10 +233,10 @@ class MultimodalCollator:
             keep.append(i)
         if self.with_prompts and not self.generate:
             prompts = self._tokenize([self._segments(samples[i], indices[i], prompt_only=True) for i in keep])
-            columns["prompt_input_ids"] = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
-                                           for (ids, _), i in zip(prompts, keep)]
+            columns[PROMPT_INPUT_IDS] = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
+                                         for (ids, _), i in zip(prompts, keep)]
         if self.generate or self.with_prompts:
-            columns["answers"] = [_answer(samples[i]) for i in keep]
+            columns[ANSWERS] = [_answer(samples[i]) for i in keep]
         per_item, shared = _per_sample(features, counts)
         for name, arrays in per_item.items():
             if name in columns:
@@ -255,8 +258,9 @@ class MultimodalCollator:
 
         Returns:
             ``input_ids``/``attention_mask`` ``[batch, seq]`` (padded on ``padding_side``), ``labels`` (padded with
-            -100), left-padded ``prompt_input_ids``/``prompt_attention_mask``, ``answers``, and each processor output
-            concatenated over the batch's items (``pixel_values`` ``[items, channels, height, width]``, …).
+            ``IGNORE_INDEX``), left-padded ``prompt_input_ids``/``prompt_attention_mask``, ``answers``, and each
+            processor output concatenated over the batch's items (``pixel_values`` ``[items, channels, height,
+            width]``, …).
         """
         names = columns.column_names if isinstance(columns, pa.Table) else list(columns)
         pad_id = self.pad_token_id
@@ -270,12 +274,12 @@ class MultimodalCollator:
                 items = _items_array(columns[name])  # [items, ...]
                 if len(items):
                     batch[name] = torch.from_numpy(items)
-        if "prompt_input_ids" in names:
-            prompt, prompt_lengths = _tokens(columns["prompt_input_ids"])
-            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
-        if "answers" in names:
-            answers = columns["answers"]
-            batch["answers"] = answers.to_pylist() if isinstance(answers, (pa.Array, pa.ChunkedArray)) else list(answers)
+        if PROMPT_INPUT_IDS in names:
+            prompt, prompt_lengths = _tokens(columns[PROMPT_INPUT_IDS])
+            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
+        if ANSWERS in names:
+            answers = columns[ANSWERS]
+            batch[ANSWERS] = answers.to_pylist() if isinstance(answers, (pa.Array, pa.ChunkedArray)) else list(answers)
         return batch
 
     def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
@@ -296,7 +300,7 @@ class MultimodalCollator:
 
 
 # Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
-TEXT_COLUMNS = frozenset({"input_ids", "labels", "prompt_input_ids", "answers"})
+TEXT_COLUMNS = frozenset({"input_ids", "labels", PROMPT_INPUT_IDS, ANSWERS})
 
 
 def too_long(index: Any, length: int, max_length: int) -> SampleError:

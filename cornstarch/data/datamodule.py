@@ -16,8 +16,9 @@ from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List
 from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
+from ..batch import INDEX_KEY
 from ..models.multimodal_language_model.import_paths import resolve
-from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
+from .collator import ANSWERS, TEXT_COLUMNS, MultimodalCollator, field_values, too_long
 from .resume import ResumableLoader
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
@@ -74,7 +75,7 @@ class DatasetSpec:
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` whose rows carry their index as ``__index__`` (errors name it)."""
+    """A ``datasets.Dataset`` whose rows carry their index as ``INDEX_KEY`` (errors name it)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -83,12 +84,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[int(index)], "__index__": int(index)}
+        return {**self.dataset[int(index)], INDEX_KEY: int(index)}
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch in one Arrow read (the DataLoader uses it when present): far fewer Python calls."""
         columns = self.dataset[[int(i) for i in indices]]
-        return [{**{k: v[j] for k, v in columns.items()}, "__index__": int(i)} for j, i in enumerate(indices)]
+        return [{**{k: v[j] for k, v in columns.items()}, INDEX_KEY: int(i)} for j, i in enumerate(indices)]
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -241,7 +242,7 @@ class MultimodalDataModule(L.LightningDataModule):
                         "preprocess=False processes each batch instead (with num_workers)", split, estimate / 2**30)
 
         def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            rows = [{**{k: v[j] for k, v in batch.items()}, "__index__": i} for j, i in enumerate(indices)]
+            rows = [{**{k: v[j] for k, v in batch.items()}, INDEX_KEY: i} for j, i in enumerate(indices)]
             columns = collator.encode(rows)
             for name, feature in features.items():
                 if name in TEXT_COLUMNS:
@@ -284,12 +285,12 @@ class MultimodalDataModule(L.LightningDataModule):
         collator = self.collator(split)
         fields = collator.fields
         light = _without_decoding(dataset)
-        rows = [dict(r, __index__=i) for i, r in enumerate(light)]
+        rows = [{**r, INDEX_KEY: i} for i, r in enumerate(light)]
         items = [{key: len(field_values(r, name)) for key, name in fields.items()} for r in rows]
         for key in fields:
             first = next((i for i, its in enumerate(items) if its[key]), None)
             if first is not None:
-                collator.remember_item_count(key, {**dataset[first], "__index__": first})
+                collator.remember_item_count(key, {**dataset[first], INDEX_KEY: first})
         lengths = collator.lengths(rows, items)
         if self.max_length and self.on_too_long == "skip":
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
@@ -418,7 +419,7 @@ def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
     columns = {key: name for key, name in columns.items() if name in dataset.column_names}
     picked, start = [0], 0
     if not columns:
-        return [{**dataset[0], "__index__": 0}]
+        return [{**dataset[0], INDEX_KEY: 0}]
     for batch in dataset.select_columns(sorted(set(columns.values()))).with_format("arrow").iter(batch_size=4096):
         for key, name in list(columns.items()):
             column = batch.column(name)
@@ -431,7 +432,7 @@ def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
         if not columns:
             break
         start += batch.num_rows
-    return [{**dataset[i], "__index__": i} for i in sorted(set(picked))]
+    return [{**dataset[i], INDEX_KEY: i} for i in sorted(set(picked))]
 
 
 def _item_type(feature: Any) -> tuple[tuple[int, ...], str]:
@@ -445,7 +446,7 @@ def _encoded_features(columns: dict[str, list]) -> Features:
     """Arrow types of encoded columns: token lists, answer strings, and per-sample ``[items, ...]`` arrays."""
     features = {}
     for name, values in columns.items():
-        if name == "answers":
+        if name == ANSWERS:
             features[name] = Value("string")
         elif name in TEXT_COLUMNS:
             features[name] = List(Value("int32"))
