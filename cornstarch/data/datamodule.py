@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -12,66 +11,24 @@ import torch
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value, load_dataset
+from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 from ..batch import INDEX_KEY
-from ..models.multimodal_language_model.import_paths import resolve
 from .collator import ANSWERS, TEXT_COLUMNS, MultimodalCollator, field_values, too_long
 from .resume import ResumableLoader
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
+from .sources import DatasetSpec, load_split, media_dir
+
+__all__ = ["DatasetSpec", "MultimodalDataModule"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
 ENCODE_BATCH = 256  # samples per processor call while encoding a split
 ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take more memory than this
 ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
-
-
-@dataclass
-class DatasetSpec:
-    """Where one split's samples come from.
-
-    Args:
-        path: ``"json"``, ``"imagefolder"``, ``"csv"``, ``"parquet"``, a local dataset directory or hub name
-            (for ``datasets.load_dataset``), or ``"module:function"`` returning a ``datasets.Dataset``
-            (e.g. ``"cornstarch.data.demo:digits_vlm_dataset"``).
-        data_files: files for ``json``/``csv``/``parquet`` (relative media paths are relative to the first file).
-        data_dir: directory for ``imagefolder`` (with ``metadata.jsonl``).
-        split: the split to read (``"train"``, ``"test"``, …), also passed to a ``module:function``.
-        name: the dataset configuration name, if any.
-        limit: keep only the first ``limit`` samples.
-        kwargs: extra keyword arguments for ``load_dataset`` or the function.
-    """
-
-    path: str
-    data_files: str | list[str] | dict[str, Any] | None = None
-    data_dir: str | None = None
-    split: str = "train"
-    name: str | None = None
-    limit: int | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Dataset:
-        """Load the split (offline sources need no network)."""
-        if ":" in self.path and not os.path.exists(self.path):
-            dataset = resolve(self.path)(split=self.split, **self.kwargs)
-        else:
-            dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, **self.kwargs)
-        return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
-
-    @property
-    def base_dir(self) -> str | None:
-        """Directory that relative media paths in the data files are relative to."""
-        files = self.data_files
-        if isinstance(files, dict):
-            files = next(iter(files.values()), None)
-        if isinstance(files, (list, tuple)):
-            files = files[0] if files else None
-        return os.path.dirname(os.path.abspath(files)) if isinstance(files, str) else self.data_dir
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -206,7 +163,7 @@ class MultimodalDataModule(L.LightningDataModule):
             self._processor(), **fields,
             padding_side="left" if generate else "right", generate=generate,
             with_prompts=split in ("val", "test") and self.eval_prompts,
-            base_dir=spec.base_dir if isinstance(spec, DatasetSpec) else None, **self.collator_kwargs,
+            base_dir=media_dir(spec), **self.collator_kwargs,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -215,7 +172,7 @@ class MultimodalDataModule(L.LightningDataModule):
         for split, spec in self.specs.items():
             if spec is None or split in self.datasets:
                 continue
-            dataset = spec.load() if isinstance(spec, DatasetSpec) else spec
+            dataset = load_split(spec)
             if self.preprocess:
                 dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
             elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
