@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value
-from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 from ..batch import INDEX_KEY
-from .collator import ANSWERS, TEXT_COLUMNS, MultimodalCollator, field_values, too_long
+from .collator import ANSWERS, TEXT_COLUMNS, MultimodalCollator, too_long
 from .resume import ResumableLoader
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
+from .raw import IndexedDataset, sample_lengths
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 from .sources import DatasetSpec, load_split, media_dir
 
@@ -29,24 +29,6 @@ SPLITS = ("train", "val", "test", "predict")
 ENCODE_BATCH = 256  # samples per processor call while encoding a split
 ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take more memory than this
 ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` whose rows carry their index as ``INDEX_KEY`` (errors name it)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[int(index)], INDEX_KEY: int(index)}
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """A whole batch in one Arrow read (the DataLoader uses it when present): far fewer Python calls."""
-        columns = self.dataset[[int(i) for i in indices]]
-        return [{**{k: v[j] for k, v in columns.items()}, INDEX_KEY: int(i)} for j, i in enumerate(indices)]
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -239,16 +221,7 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _measure(self, split: str, dataset: Dataset) -> Dataset:
         """Compute lengths (for grouping) and drop over-long samples (``on_too_long="skip"``), logging the count."""
-        collator = self.collator(split)
-        fields = collator.fields
-        light = _without_decoding(dataset)
-        rows = [{**r, INDEX_KEY: i} for i, r in enumerate(light)]
-        items = [{key: len(field_values(r, name)) for key, name in fields.items()} for r in rows]
-        for key in fields:
-            first = next((i for i, its in enumerate(items) if its[key]), None)
-            if first is not None:
-                collator.remember_item_count(key, {**dataset[first], INDEX_KEY: first})
-        lengths = collator.lengths(rows, items)
+        lengths = sample_lengths(dataset, self.collator(split))
         if self.max_length and self.on_too_long == "skip":
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
             self.skipped[split] = len(lengths) - len(keep)
@@ -349,24 +322,6 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", generate=True)
-
-
-def _undecoded(feature: Any) -> Any:
-    if isinstance(feature, ImageFeature):
-        return ImageFeature(decode=False)
-    inner = getattr(feature, "feature", None)
-    if inner is not None and isinstance(_undecoded(inner), ImageFeature):
-        return type(feature)(_undecoded(inner))
-    return None
-
-
-def _without_decoding(dataset: Dataset) -> Dataset:
-    """The dataset with image columns (single or lists) left undecoded: counting items needs no pixels."""
-    for name, feature in dataset.features.items():
-        light = _undecoded(feature)
-        if light is not None:
-            dataset = dataset.cast_column(name, light)
-    return dataset
 
 
 def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
