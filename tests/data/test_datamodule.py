@@ -194,10 +194,10 @@ def test_missing_processor_and_missing_split_are_clear():
 
 
 def test_large_encoded_splits_are_announced(caplog, monkeypatch):
-    import cornstarch.data.datamodule as datamodule
+    import cornstarch.data.encoded as encoded
 
     _, proc = make()
-    monkeypatch.setattr(datamodule, "ENCODED_WARN_BYTES", 6 * 3 * 32 * 32 * 4)  # less than 6 images' pixels
+    monkeypatch.setattr(encoded, "ENCODED_WARN_BYTES", 6 * 3 * 32 * 32 * 4)  # less than 6 images' pixels
     dm = MultimodalDataModule(train=Dataset.from_dict(rows(6)), processor=proc)
     with caplog.at_level(logging.WARNING):
         dm.setup()
