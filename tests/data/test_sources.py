@@ -1,13 +1,49 @@
-"""Sources of a split: a ``"module:function"``, an in-memory dataset, and where relative media paths start."""
+"""Sources of a split: json with image and audio paths, imagefolder with metadata, a ``"module:function"``."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import soundfile
+import torch
 from datasets import Dataset
 
-from cornstarch.data import DatasetSpec
+from cornstarch.data import DatasetSpec, MultimodalDataModule
 from cornstarch.data.sources import load_split, media_dir
+from tests import tiny
+from tests.data.test_collator import make
+
+
+def test_json_with_image_and_audio_paths(tmp_path):
+    mllm, proc = make(audio=True)
+    lines = []
+    for i in range(4):
+        img = f"img{i}.png"
+        tiny.pil_images(1, seed=i)[0].save(tmp_path / img)
+        wav = f"clip{i}.wav"
+        soundfile.write(tmp_path / wav, tiny.waveforms(1, seed=i)[0], tiny.AUDIO_RATE)
+        lines.append({"prompt": "<image> <audio> which digit", "answer": "seven", "images": [img], "audios": [wav]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    dm = MultimodalDataModule(train=DatasetSpec("json", data_files=str(tmp_path / "data.jsonl")), processor=proc,
+                              batch_size=2, sampling_rate=tiny.AUDIO_RATE)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 2
+    assert torch.isfinite(mllm(**batch).loss)
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    mllm, proc = make()
+    meta = []
+    for i in range(4):
+        tiny.pil_images(1, seed=i)[0].save(tmp_path / f"{i}.png")
+        meta.append({"file_name": f"{i}.png", "prompt": "<image> which digit ?", "answer": tiny.WORDS[20 + i]})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    dm = MultimodalDataModule(train=DatasetSpec("imagefolder", data_dir=str(tmp_path)), processor=proc, batch_size=4,
+                              num_workers=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape[0] == 4
+    assert torch.isfinite(mllm(**batch).loss)
 
 
 def numbers(split: str, count: int = 5) -> Dataset:
