@@ -1,4 +1,9 @@
-"""Collate raw samples into model batches: media, chat text, placeholder expansion, labels, padding."""
+"""Collate raw samples into model batches: media, chat text, placeholder expansion, labels, padding.
+
+A batch is made in two steps: :meth:`MultimodalCollator.encode` turns samples into columns (token lists, answer
+strings and per-sample ``[items, ...]`` processor outputs), and :meth:`MultimodalCollator.pad` pads and stacks them.
+:mod:`cornstarch.data.encoded` stores the same columns in Arrow once per split and pads them per batch.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
+from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
 from .conversation import render_segments, to_messages
 from .media import SampleError, load_audio, load_image
+
+ANSWERS, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = EVAL_KEYS  # the eval keys by name
 
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
@@ -52,15 +57,54 @@ def _first_argument(processor: Any) -> str:
     return params[0].name
 
 
+# Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
+TEXT_COLUMNS = frozenset({"input_ids", "labels", PROMPT_INPUT_IDS, ANSWERS})
+
+
+class EncodedColumns:
+    """How :meth:`MultimodalCollator.pad` reads the columns of :meth:`MultimodalCollator.encode` (Python lists).
+
+    ``names(columns)``: the column names; ``tokens(column)``: all tokens in order and the length of each row;
+    ``items(column)``: all items concatenated, ``[items, ...]``; ``strings(column)``: a list of strings.
+    :class:`cornstarch.data.encoded.ArrowColumns` reads the same columns stored in Arrow.
+
+    >>> flat, lengths = EncodedColumns.tokens([[5, 6, 7], [8]])
+    >>> flat.tolist(), lengths.tolist()
+    ([5, 6, 7, 8], [3, 1])
+    """
+
+    @staticmethod
+    def names(columns: Mapping[str, Any]) -> list[str]:
+        return list(columns)
+
+    @staticmethod
+    def tokens(column: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """A column of token lists → (all tokens in order, length per row)."""
+        lengths = np.fromiter((len(row) for row in column), dtype=np.int64, count=len(column))
+        flat = (np.concatenate([np.asarray(row, dtype=np.int64) for row in column]) if len(column)
+                else np.zeros(0, np.int64))
+        return flat, lengths
+
+    @staticmethod
+    def items(column: Sequence[np.ndarray]) -> np.ndarray:
+        """A column of per-sample ``[items, ...]`` arrays → all items concatenated, ``[items, ...]``."""
+        return np.concatenate(list(column)) if len(column) else np.zeros(0)
+
+    @staticmethod
+    def strings(column: Sequence[str]) -> list[str]:
+        return list(column)
+
+
 @dataclass
 class MultimodalCollator:
     """Turns a list of samples into ``input_ids``, ``attention_mask``, ``labels`` and per-modality tensors.
 
     A sample is ``{"messages": [...]}`` or ``{"prompt": ..., "answer": ...}`` plus a list of items per modality
     field (``images``, ``audios``; see ``fields``). Only answers are supervised: prompt, modality tokens and
-    padding are -100. Modality tokens per sample are counted here, on the CPU. ``collate(samples)`` is
-    ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media, template, tokens,
-    expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads and stacks.
+    padding are ``IGNORE_INDEX`` (-100). Modality tokens per sample are counted here, on the CPU.
+    ``collate(samples)`` is ``collate.pad(collate.encode(samples))``: :meth:`encode` does the per-sample work (media,
+    template, tokens, expansion), which :class:`MultimodalDataModule` runs once per sample at setup; :meth:`pad` pads
+    and stacks.
 
     Args:
         processor: the :class:`MultimodalProcessor` (tokenizer, encoder processors, token ids, feature counts).
@@ -164,7 +208,7 @@ class MultimodalCollator:
         Each item is taken to yield as many features as the first item of its modality processed here (exact for
         fixed-size encoders: every supported vision tower and Whisper-style audio encoder).
         """
-        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
                 for (ids, _), its in zip(tokenized, items_per_sample)]
@@ -176,7 +220,7 @@ class MultimodalCollator:
 
     def remember_item_count(self, key: str, sample: Mapping[str, Any]) -> None:
         """Process one item of ``sample`` to learn how many features a ``key`` item yields."""
-        items = self._items(sample, sample.get("__index__", 0))
+        items = self._items(sample, sample.get(INDEX_KEY, 0))
         _, counts = self._process([{k: v[:1] if k == key else [] for k, v in items.items()}])
         self._item_counts[key] = counts[key][0][0]
 
@@ -207,7 +251,7 @@ class MultimodalCollator:
 
     def _encode(self, samples: Sequence[Mapping[str, Any]]) -> tuple[dict[str, list], dict[str, Any]]:
         """Columns of :meth:`encode`, and processor outputs that are not one row per item (kept whole)."""
-        indices = [s.get("__index__", i) for i, s in enumerate(samples)]
+        indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         items = [self._items(s, idx) for s, idx in zip(samples, indices)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         for (ids, _), its, idx in zip(tokenized, items, indices):
@@ -230,10 +274,10 @@ class MultimodalCollator:
             keep.append(i)
         if self.with_prompts and not self.generate:
             prompts = self._tokenize([self._segments(samples[i], indices[i], prompt_only=True) for i in keep])
-            columns["prompt_input_ids"] = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
-                                           for (ids, _), i in zip(prompts, keep)]
+            columns[PROMPT_INPUT_IDS] = [self.processor.expand(ids, {k: c[i] for k, c in counts.items()})[0]
+                                         for (ids, _), i in zip(prompts, keep)]
         if self.generate or self.with_prompts:
-            columns["answers"] = [_answer(samples[i]) for i in keep]
+            columns[ANSWERS] = [_answer(samples[i]) for i in keep]
         per_item, shared = _per_sample(features, counts)
         for name, arrays in per_item.items():
             if name in columns:
@@ -247,35 +291,41 @@ class MultimodalCollator:
         pad_id = self.processor.tokenizer.pad_token_id
         return 0 if pad_id is None else pad_id
 
-    def pad(self, columns: Mapping[str, Any] | pa.Table) -> dict[str, Any]:
-        """Pad and stack encoded samples (columns of :meth:`encode`, or a ``pyarrow.Table`` of them) into a batch.
+    def pad(self, columns: Any, reader: type[EncodedColumns] = EncodedColumns) -> dict[str, Any]:
+        """Pad and stack encoded samples (columns of :meth:`encode`) into a batch.
 
-        Each token column is flattened once and scattered into a padded matrix (for Arrow columns, with no Python
-        loop over samples).
+        Each token column is flattened once and scattered into a padded matrix.
+
+        Args:
+            columns: the columns of :meth:`encode` (Python lists), or the same columns in another container.
+            reader: how to read ``columns``: :class:`EncodedColumns` (the default) for :meth:`encode`'s lists;
+                :class:`cornstarch.data.encoded.ArrowColumns` for a ``pyarrow.Table`` of encoded rows (no Python
+                loop over samples).
 
         Returns:
             ``input_ids``/``attention_mask`` ``[batch, seq]`` (padded on ``padding_side``), ``labels`` (padded with
-            -100), left-padded ``prompt_input_ids``/``prompt_attention_mask``, ``answers``, and each processor output
-            concatenated over the batch's items (``pixel_values`` ``[items, channels, height, width]``, …).
+            ``IGNORE_INDEX``), left-padded ``prompt_input_ids``/``prompt_attention_mask``, ``answers``, and each
+            processor output concatenated over the batch's items (``pixel_values`` ``[items, channels, height,
+            width]``, …).
         """
-        names = columns.column_names if isinstance(columns, pa.Table) else list(columns)
+        names = reader.names(columns)
         pad_id = self.pad_token_id
-        ids, lengths = _tokens(columns["input_ids"])
+        ids, lengths = reader.tokens(columns["input_ids"])
         batch = {}
         batch["input_ids"], batch["attention_mask"] = _pad_tokens(ids, lengths, pad_id, self.padding_side)
         if "labels" in names:
-            batch["labels"], _ = _pad_tokens(_tokens(columns["labels"])[0], lengths, IGNORE_INDEX, self.padding_side)
+            batch["labels"], _ = _pad_tokens(reader.tokens(columns["labels"])[0], lengths, IGNORE_INDEX,
+                                             self.padding_side)
         for name in names:
             if name not in TEXT_COLUMNS:
-                items = _items_array(columns[name])  # [items, ...]
+                items = reader.items(columns[name])  # [items, ...]
                 if len(items):
                     batch[name] = torch.from_numpy(items)
-        if "prompt_input_ids" in names:
-            prompt, prompt_lengths = _tokens(columns["prompt_input_ids"])
-            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
-        if "answers" in names:
-            answers = columns["answers"]
-            batch["answers"] = answers.to_pylist() if isinstance(answers, (pa.Array, pa.ChunkedArray)) else list(answers)
+        if PROMPT_INPUT_IDS in names:
+            prompt, prompt_lengths = reader.tokens(columns[PROMPT_INPUT_IDS])
+            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
+        if ANSWERS in names:
+            batch[ANSWERS] = reader.strings(columns[ANSWERS])
         return batch
 
     def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
@@ -293,10 +343,6 @@ class MultimodalCollator:
             splits = np.cumsum([0] + [len(its[key]) for its in items])
             counts[key] = [per_item[a:b] for a, b in zip(splits[:-1], splits[1:])]
         return features, counts
-
-
-# Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
-TEXT_COLUMNS = frozenset({"input_ids", "labels", "prompt_input_ids", "answers"})
 
 
 def too_long(index: Any, length: int, max_length: int) -> SampleError:
@@ -322,17 +368,6 @@ def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -
     return per_item, shared
 
 
-def _tokens(column: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A column of token lists (Python lists or an Arrow list column) → (all tokens in order, length per row)."""
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-        return array.flatten().to_numpy(zero_copy_only=False), lengths
-    lengths = np.fromiter((len(row) for row in column), dtype=np.int64, count=len(column))
-    flat = np.concatenate([np.asarray(row, dtype=np.int64) for row in column]) if len(column) else np.zeros(0, np.int64)
-    return flat, lengths
-
-
 def _pad_tokens(flat: np.ndarray, lengths: np.ndarray, value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``lengths`` tokens taken in order from ``flat`` → ``[batch, longest]`` padded with ``value``, and the
     mask of real tokens."""
@@ -345,20 +380,6 @@ def _pad_tokens(flat: np.ndarray, lengths: np.ndarray, value: int, side: str) ->
     out = np.full(real.shape, value, dtype=np.int64)
     out[real] = flat
     return torch.from_numpy(out), torch.from_numpy(real.astype(np.int64))
-
-
-def _items_array(column: Any) -> np.ndarray:
-    """A column of per-sample ``[items, ...]`` arrays (NumPy, or an Arrow ``ArrayXD``/list column) → all items
-    concatenated, ``[items, ...]``."""
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        shape = tuple(getattr(array.type, "shape", (None,))[1:])
-        values = array.storage if isinstance(array, pa.ExtensionArray) else array
-        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
-                pa.types.is_fixed_size_list(values.type):
-            values = values.flatten()
-        return np.array(values.to_numpy(zero_copy_only=False)).reshape(-1, *shape)
-    return np.concatenate(list(column)) if len(column) else np.zeros(0)
 
 
 def _answer(sample: Mapping[str, Any]) -> str:

@@ -1,112 +1,34 @@
-"""MultimodalDataModule: Hugging Face ``datasets`` splits → collated multimodal batches, for Lightning."""
+"""MultimodalDataModule: Hugging Face ``datasets`` splits → collated multimodal batches, for Lightning.
+
+Each split comes from :mod:`~cornstarch.data.sources`; with ``preprocess=True`` its samples are encoded once at
+setup (:mod:`~cornstarch.data.encoded`), otherwise collated batch by batch (:mod:`~cornstarch.data.raw`). The train
+loader shuffles (:mod:`~cornstarch.data.sampling`), optionally packs (:mod:`~cornstarch.data.packing`) and resumes
+exactly (:mod:`~cornstarch.data.resume`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value, load_dataset
-from datasets import Image as ImageFeature
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ..models.multimodal_language_model.import_paths import resolve
-from .collator import TEXT_COLUMNS, MultimodalCollator, field_values, too_long
-from .resume import ResumableLoader
+from .collator import MultimodalCollator, too_long
+from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
+from .raw import IndexedDataset, sample_lengths
+from .resume import ResumableLoader
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
+from .sources import DatasetSpec, load_split, media_dir
+
+__all__ = ["DatasetSpec", "MultimodalDataModule"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
-ENCODE_BATCH = 256  # samples per processor call while encoding a split
-ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take more memory than this
-ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
-
-
-@dataclass
-class DatasetSpec:
-    """Where one split's samples come from.
-
-    Args:
-        path: ``"json"``, ``"imagefolder"``, ``"csv"``, ``"parquet"``, a local dataset directory or hub name
-            (for ``datasets.load_dataset``), or ``"module:function"`` returning a ``datasets.Dataset``
-            (e.g. ``"cornstarch.data.demo:digits_vlm_dataset"``).
-        data_files: files for ``json``/``csv``/``parquet`` (relative media paths are relative to the first file).
-        data_dir: directory for ``imagefolder`` (with ``metadata.jsonl``).
-        split: the split to read (``"train"``, ``"test"``, …), also passed to a ``module:function``.
-        name: the dataset configuration name, if any.
-        limit: keep only the first ``limit`` samples.
-        kwargs: extra keyword arguments for ``load_dataset`` or the function.
-    """
-
-    path: str
-    data_files: str | list[str] | dict[str, Any] | None = None
-    data_dir: str | None = None
-    split: str = "train"
-    name: str | None = None
-    limit: int | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Dataset:
-        """Load the split (offline sources need no network)."""
-        if ":" in self.path and not os.path.exists(self.path):
-            dataset = resolve(self.path)(split=self.split, **self.kwargs)
-        else:
-            dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, **self.kwargs)
-        return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
-
-    @property
-    def base_dir(self) -> str | None:
-        """Directory that relative media paths in the data files are relative to."""
-        files = self.data_files
-        if isinstance(files, dict):
-            files = next(iter(files.values()), None)
-        if isinstance(files, (list, tuple)):
-            files = files[0] if files else None
-        return os.path.dirname(os.path.abspath(files)) if isinstance(files, str) else self.data_dir
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` whose rows carry their index as ``__index__`` (errors name it)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[int(index)], "__index__": int(index)}
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """A whole batch in one Arrow read (the DataLoader uses it when present): far fewer Python calls."""
-        columns = self.dataset[[int(i) for i in indices]]
-        return [{**{k: v[j] for k, v in columns.items()}, "__index__": int(i)} for j, i in enumerate(indices)]
-
-
-class EncodedDataset(torch.utils.data.Dataset):
-    """Rows of an encoded split (see :meth:`MultimodalDataModule.setup`); a batch is one Arrow ``take``, a
-    ``pyarrow.Table`` that :meth:`MultimodalCollator.pad` pads and stacks."""
-
-    def __init__(self, dataset: Dataset):
-        data = dataset.flatten_indices(keep_in_memory=True).data if dataset._indices is not None else dataset.data
-        self.table = data.table.combine_chunks()  # one chunk per column: a take is one gather, not one per chunk
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, index: int) -> Any:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        return self.table.take(indices)
 
 
 class MultimodalDataModule(L.LightningDataModule):
@@ -205,7 +127,7 @@ class MultimodalDataModule(L.LightningDataModule):
             self._processor(), **fields,
             padding_side="left" if generate else "right", generate=generate,
             with_prompts=split in ("val", "test") and self.eval_prompts,
-            base_dir=spec.base_dir if isinstance(spec, DatasetSpec) else None, **self.collator_kwargs,
+            base_dir=media_dir(spec), **self.collator_kwargs,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -214,7 +136,7 @@ class MultimodalDataModule(L.LightningDataModule):
         for split, spec in self.specs.items():
             if spec is None or split in self.datasets:
                 continue
-            dataset = spec.load() if isinstance(spec, DatasetSpec) else spec
+            dataset = load_split(spec)
             if self.preprocess:
                 dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
             elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
@@ -222,48 +144,15 @@ class MultimodalDataModule(L.LightningDataModule):
             self.datasets[split] = dataset
 
     def _encode(self, split: str, dataset: Dataset) -> Dataset:
-        """The split encoded once (:meth:`MultimodalCollator.encode` over batches of samples, via ``Dataset.map``),
-        held in memory. Lengths are checked afterwards (:meth:`_fit_lengths`).
-
-        Raises:
-            SampleError: naming the sample and field, for any bad sample (as the collator would at its batch).
-            ValueError: if a processor's items vary in shape, or its outputs are not one row per item.
-        """
+        """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
         if len(dataset) == 0:
             raise ValueError(f"The {split} data has no samples.")
-        collator = self.collator(split, generate=split == "predict", max_length=None)
-        probe = collator.encode(_probe(dataset, collator.fields))
-        features = _encoded_features(probe)
-        estimate = len(dataset) * max(sum(np.asarray(column[i]).nbytes for column in probe.values())
-                                      for i in range(len(probe["input_ids"])))
-        if estimate > ENCODED_WARN_BYTES:
-            log.warning("%s: the encoded samples will take about %.1f GiB of memory (processed media included); "
-                        "preprocess=False processes each batch instead (with num_workers)", split, estimate / 2**30)
-
-        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            rows = [{**{k: v[j] for k, v in batch.items()}, "__index__": i} for j, i in enumerate(indices)]
-            columns = collator.encode(rows)
-            for name, feature in features.items():
-                if name in TEXT_COLUMNS:
-                    continue
-                item_shape, dtype = _item_type(feature)
-                arrays = columns.setdefault(name, [np.zeros((0, *item_shape), dtype)] * len(rows))
-                for array, i in zip(arrays, indices):
-                    if array.shape[1:] != item_shape:
-                        raise ValueError(f"Sample {i}: processor output {name!r} has items of shape {array.shape[1:]},"
-                                         f" others {item_shape}; items of varying shape cannot be encoded ahead: "
-                                         f"use MultimodalDataModule(preprocess=False).")
-            return columns
-
-        encoded = dataset.map(encode, batched=True, batch_size=ENCODE_BATCH, with_indices=True, features=features,
-                              remove_columns=dataset.column_names, keep_in_memory=True, desc=f"Encoding {split}")
-        log.info("%s: encoded %d samples once (%.1f MB)", split, len(encoded), encoded.data.nbytes / 2**20)
-        return encoded
+        return encode_split(dataset, self.collator(split, generate=split == "predict", max_length=None), split)
 
     def _fit_lengths(self, split: str, dataset: Dataset, encoded: Dataset) -> tuple[Dataset, Dataset]:
         """Exact lengths of encoded samples; over-long ones raise or are dropped from both the samples and their
         encodings (``on_too_long="skip"``, logged)."""
-        lengths = pc.list_value_length(encoded.data.column("input_ids")).to_numpy(zero_copy_only=False)
+        lengths = encoded_lengths(encoded)
         if self.max_length is not None:
             too_long_rows = np.flatnonzero(lengths > self.max_length)
             if len(too_long_rows) and self.on_too_long == "error":
@@ -281,16 +170,7 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _measure(self, split: str, dataset: Dataset) -> Dataset:
         """Compute lengths (for grouping) and drop over-long samples (``on_too_long="skip"``), logging the count."""
-        collator = self.collator(split)
-        fields = collator.fields
-        light = _without_decoding(dataset)
-        rows = [dict(r, __index__=i) for i, r in enumerate(light)]
-        items = [{key: len(field_values(r, name)) for key, name in fields.items()} for r in rows]
-        for key in fields:
-            first = next((i for i, its in enumerate(items) if its[key]), None)
-            if first is not None:
-                collator.remember_item_count(key, {**dataset[first], "__index__": first})
-        lengths = collator.lengths(rows, items)
+        lengths = sample_lengths(dataset, self.collator(split))
         if self.max_length and self.on_too_long == "skip":
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
             self.skipped[split] = len(lengths) - len(keep)
@@ -311,7 +191,7 @@ class MultimodalDataModule(L.LightningDataModule):
         train = split == "train"
         collator = self.collator(split, generate=generate)
         if self.preprocess:
-            dataset, collate = EncodedDataset(self.encoded[split]), collator.pad
+            dataset, collate = EncodedDataset(self.encoded[split]), EncodedCollate(collator)
         else:
             dataset, collate = IndexedDataset(self.datasets[split]), collator
         workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -378,7 +258,8 @@ class MultimodalDataModule(L.LightningDataModule):
         if trainer is None or trainer.world_size <= 1:
             return {}
         kwargs = trainer.distributed_sampler_kwargs or {}
-        return {"num_replicas": kwargs.get("num_replicas", trainer.world_size), "rank": kwargs.get("rank", trainer.global_rank)}
+        return {"num_replicas": kwargs.get("num_replicas", trainer.world_size),
+                "rank": kwargs.get("rank", trainer.global_rank)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -391,71 +272,3 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", generate=True)
-
-
-def _undecoded(feature: Any) -> Any:
-    if isinstance(feature, ImageFeature):
-        return ImageFeature(decode=False)
-    inner = getattr(feature, "feature", None)
-    if inner is not None and isinstance(_undecoded(inner), ImageFeature):
-        return type(feature)(_undecoded(inner))
-    return None
-
-
-def _without_decoding(dataset: Dataset) -> Dataset:
-    """The dataset with image columns (single or lists) left undecoded: counting items needs no pixels."""
-    for name, feature in dataset.features.items():
-        light = _undecoded(feature)
-        if light is not None:
-            dataset = dataset.cast_column(name, light)
-    return dataset
-
-
-def _probe(dataset: Dataset, fields: dict[str, str]) -> list[dict[str, Any]]:
-    """The first sample, and the first with items of each modality it lacks (to learn each output's shape).
-    Item counts are read from Arrow (list lengths, or non-null single values): nothing is decoded."""
-    columns = {key: name if name in dataset.column_names else name[:-1] for key, name in fields.items()}
-    columns = {key: name for key, name in columns.items() if name in dataset.column_names}
-    picked, start = [0], 0
-    if not columns:
-        return [{**dataset[0], "__index__": 0}]
-    for batch in dataset.select_columns(sorted(set(columns.values()))).with_format("arrow").iter(batch_size=4096):
-        for key, name in list(columns.items()):
-            column = batch.column(name)
-            nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-            counts = pc.list_value_length(column).fill_null(0) if nested else pc.cast(column.is_valid(), pa.int32())
-            hits = np.flatnonzero(counts.to_numpy(zero_copy_only=False) > 0)
-            if len(hits):
-                picked.append(start + int(hits[0]))
-                del columns[key]
-        if not columns:
-            break
-        start += batch.num_rows
-    return [{**dataset[i], "__index__": i} for i in sorted(set(picked))]
-
-
-def _item_type(feature: Any) -> tuple[tuple[int, ...], str]:
-    """Shape and dtype of one item of an encoded processor-output column (``ArrayXD`` or a list of scalars)."""
-    if hasattr(feature, "shape"):
-        return tuple(feature.shape[1:]), feature.dtype
-    return (), feature.feature.dtype
-
-
-def _encoded_features(columns: dict[str, list]) -> Features:
-    """Arrow types of encoded columns: token lists, answer strings, and per-sample ``[items, ...]`` arrays."""
-    features = {}
-    for name, values in columns.items():
-        if name == "answers":
-            features[name] = Value("string")
-        elif name in TEXT_COLUMNS:
-            features[name] = List(Value("int32"))
-        else:
-            array = next((a for a in values if len(a)), values[0])
-            if array.ndim == 1:
-                features[name] = List(Value(str(array.dtype)))
-            elif array.ndim in ARRAYS:
-                features[name] = ARRAYS[array.ndim](shape=(None, *array.shape[1:]), dtype=str(array.dtype))
-            else:
-                raise ValueError(f"Processor output {name!r} has {array.ndim - 1}-D items; at most 4-D can be "
-                                 f"encoded ahead: use MultimodalDataModule(preprocess=False).")
-    return Features(features)

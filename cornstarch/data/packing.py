@@ -23,11 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.multimodal_language_model.placeholders import IGNORE_INDEX
-from ..models.multimodal_language_model.supervised_loss import supervised_positions
+from ..batch import IGNORE_INDEX, POSITION_IDS, SUPERVISED_POSITIONS, TEXT_KEYS, supervised_positions
 from .sampling import RankShard
-
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def next_fit_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -121,7 +118,7 @@ def pack_batch(batch: Mapping[str, Any], capacity: int | None = None,
     position_ids[row_of, col_of] = column
     tail = torch.arange(capacity) >= used[:, None]  # [rows, capacity]
     position_ids = torch.where(tail, position_ids - used[:, None], position_ids)
-    packed["position_ids"] = position_ids
+    packed[POSITION_IDS] = position_ids
     return packed, sample_of_token
 
 
@@ -211,5 +208,5 @@ class WithSupervisedPositions:
 
     def __call__(self, samples: Any) -> dict[str, Any]:
         batch = self.collate(samples)
-        batch["supervised_positions"] = supervised_positions(batch["labels"])
+        batch[SUPERVISED_POSITIONS] = supervised_positions(batch["labels"])
         return batch

@@ -1,19 +1,16 @@
-"""MultimodalDataModule: in-memory, json and imagefolder sources; encoded (preprocessed) and raw paths give equal
-batches; seeded shuffle; grouping; skipping; bad samples named at setup."""
+"""MultimodalDataModule: in-memory samples feed the model; seeded shuffle; grouping; skipping; bad samples named at
+setup; clear errors for a missing processor or split."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 from datasets import Dataset
 
-from cornstarch.data import DatasetSpec, MultimodalDataModule, SampleError
-from cornstarch.data.packing import WithSupervisedPositions
+from cornstarch.data import MultimodalDataModule, SampleError
 from tests import tiny
 from tests.data.test_collator import make
 
@@ -42,84 +39,6 @@ def test_in_memory_dataset_batches_feed_the_model():
     for batch in batches + val:
         inputs = {k: v for k, v in batch.items() if k not in ("answers", "prompt_input_ids", "prompt_attention_mask")}
         assert torch.isfinite(mllm(**inputs).loss)
-
-
-def test_json_with_image_and_audio_paths(tmp_path):
-    mllm, proc = make(audio=True)
-    lines = []
-    for i in range(4):
-        img = f"img{i}.png"
-        tiny.pil_images(1, seed=i)[0].save(tmp_path / img)
-        wav = f"clip{i}.wav"
-        soundfile.write(tmp_path / wav, tiny.waveforms(1, seed=i)[0], tiny.AUDIO_RATE)
-        lines.append({"prompt": "<image> <audio> which digit", "answer": "seven", "images": [img], "audios": [wav]})
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    dm = MultimodalDataModule(train=DatasetSpec("json", data_files=str(tmp_path / "data.jsonl")), processor=proc,
-                              batch_size=2, sampling_rate=tiny.AUDIO_RATE)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 2
-    assert torch.isfinite(mllm(**batch).loss)
-
-
-def test_imagefolder_with_metadata(tmp_path):
-    mllm, proc = make()
-    meta = []
-    for i in range(4):
-        tiny.pil_images(1, seed=i)[0].save(tmp_path / f"{i}.png")
-        meta.append({"file_name": f"{i}.png", "prompt": "<image> which digit ?", "answer": tiny.WORDS[20 + i]})
-    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
-    dm = MultimodalDataModule(train=DatasetSpec("imagefolder", data_dir=str(tmp_path)), processor=proc, batch_size=4,
-                              num_workers=2)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape[0] == 4
-    assert torch.isfinite(mllm(**batch).loss)
-
-
-def mixed_rows(n: int) -> dict:
-    """Rows with 0-2 images and 0-1 audio clips, answers of varying length."""
-    base = rows(n, skew=True)
-    n_audio = [i % 2 for i in range(n)]
-    for messages, k in zip(base["messages"], n_audio):
-        messages[0]["content"] = "<audio> " * k + messages[0]["content"]
-    base["audios"] = [tiny.waveforms(k, seed=i) for i, k in enumerate(n_audio)]
-    return base
-
-
-def assert_same_batches(loader_a, loader_b) -> None:
-    for a, b in zip(loader_a, loader_b, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
-            assert same, key
-            assert not isinstance(a[key], torch.Tensor) or a[key].dtype == b[key].dtype, key
-
-
-@pytest.mark.parametrize("split", ["train", "val", "predict"])
-def test_encoded_batches_equal_raw_collation(split):
-    """Encoding once at setup and padding per batch gives exactly the batches of collating raw samples."""
-    _, proc = make(audio=True)
-    data = Dataset.from_dict(mixed_rows(14))
-    kwargs = {split: data, "processor": proc, "batch_size": 4, "eval_batch_size": 5, "group_by_length": True,
-              "sampling_rate": tiny.AUDIO_RATE}
-    encoded, raw = MultimodalDataModule(**kwargs), MultimodalDataModule(preprocess=False, **kwargs)
-    encoded.setup(), raw.setup()
-    loader = getattr(encoded, f"{split}_dataloader")()
-    if split == "train":
-        assert encoded.lengths["train"] == raw.lengths["train"]
-        order = list(loader.sampler)
-        assert order == list(getattr(raw, f"{split}_dataloader")().sampler) and order != sorted(order)
-    else:
-        order = list(range(len(data)))
-    collate = raw.collator(split, generate=split == "predict")
-    if split == "train":  # train batches also carry the positions the model computes logits at
-        collate = WithSupervisedPositions(collate)
-    size = loader.batch_size
-    direct = [collate([{**data[i], "__index__": i} for i in order[k:k + size]]) for k in range(0, len(order), size)]
-    assert_same_batches(loader, direct)
-    raw_loader = getattr(raw, f"{split}_dataloader")()
-    if split == "train":  # a train loader's next pass is the next epoch: the raw one catches up by one pass
-        list(raw_loader)
-    assert_same_batches(loader, raw_loader)
 
 
 def test_bad_samples_are_named_at_setup():
@@ -191,24 +110,3 @@ def test_missing_processor_and_missing_split_are_clear():
     dm = MultimodalDataModule(train=Dataset.from_dict(rows(2)), processor=proc)
     with pytest.raises(ValueError, match=r"No val data: pass val=DatasetSpec"):
         dm.val_dataloader()
-
-
-def test_large_encoded_splits_are_announced(caplog, monkeypatch):
-    import cornstarch.data.datamodule as datamodule
-
-    _, proc = make()
-    monkeypatch.setattr(datamodule, "ENCODED_WARN_BYTES", 6 * 3 * 32 * 32 * 4)  # less than 6 images' pixels
-    dm = MultimodalDataModule(train=Dataset.from_dict(rows(6)), processor=proc)
-    with caplog.at_level(logging.WARNING):
-        dm.setup()
-    assert "train: the encoded samples will take about" in caplog.text and "preprocess=False" in caplog.text
-
-
-def test_text_only_rows_encode_without_modality_columns():
-    _, proc = make()
-    data = Dataset.from_dict({"prompt": ["which digit ?", "what is this"], "answer": ["seven", "two three"]})
-    dm = MultimodalDataModule(train=data, processor=proc, batch_size=2)
-    dm.setup()
-    batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "supervised_positions"}
-    assert int((batch["labels"] != -100).sum()) > 0

@@ -1,0 +1,73 @@
+"""Where a split's samples come from: a :class:`DatasetSpec` (json, csv, parquet, imagefolder, a local or hub
+dataset, a ``"module:function"``) or an in-memory ``datasets.Dataset``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, load_dataset
+
+from ..models.multimodal_language_model.import_paths import resolve
+
+
+@dataclass
+class DatasetSpec:
+    """Where one split's samples come from.
+
+    Args:
+        path: ``"json"``, ``"imagefolder"``, ``"csv"``, ``"parquet"``, a local dataset directory or hub name
+            (for ``datasets.load_dataset``), or ``"module:function"`` returning a ``datasets.Dataset``
+            (e.g. ``"cornstarch.data.demo:digits_vlm_dataset"``).
+        data_files: files for ``json``/``csv``/``parquet`` (relative media paths are relative to the first file).
+        data_dir: directory for ``imagefolder`` (with ``metadata.jsonl``).
+        split: the split to read (``"train"``, ``"test"``, …), also passed to a ``module:function``.
+        name: the dataset configuration name, if any.
+        limit: keep only the first ``limit`` samples.
+        kwargs: extra keyword arguments for ``load_dataset`` or the function.
+
+    >>> DatasetSpec("imagefolder", data_dir="digits").base_dir
+    'digits'
+    """
+
+    path: str
+    data_files: str | list[str] | dict[str, Any] | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    name: str | None = None
+    limit: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Dataset:
+        """Load the split (offline sources need no network)."""
+        if ":" in self.path and not os.path.exists(self.path):
+            dataset = resolve(self.path)(split=self.split, **self.kwargs)
+        else:
+            dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
+                                   split=self.split, **self.kwargs)
+        return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
+
+    @property
+    def base_dir(self) -> str | None:
+        """Directory that relative media paths in the data files are relative to."""
+        files = self.data_files
+        if isinstance(files, dict):
+            files = next(iter(files.values()), None)
+        if isinstance(files, (list, tuple)):
+            files = files[0] if files else None
+        return os.path.dirname(os.path.abspath(files)) if isinstance(files, str) else self.data_dir
+
+
+def load_split(source: DatasetSpec | Dataset) -> Dataset:
+    """A split's samples: loaded from a :class:`DatasetSpec`, or an in-memory ``datasets.Dataset`` as it is.
+
+    >>> len(load_split(Dataset.from_dict({"prompt": ["a", "b"], "answer": ["c", "d"]})))
+    2
+    """
+    return source.load() if isinstance(source, DatasetSpec) else source
+
+
+def media_dir(source: DatasetSpec | Dataset) -> str | None:
+    """Directory that a split's relative media paths are relative to (``None`` for an in-memory dataset)."""
+    return source.base_dir if isinstance(source, DatasetSpec) else None
