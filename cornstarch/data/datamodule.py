@@ -28,8 +28,6 @@ from .sources import DatasetSpec, load_split, media_dir
 __all__ = ["DatasetSpec", "MultimodalDataModule"]
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test", "predict")
-
 
 class MultimodalDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders of multimodal samples.
