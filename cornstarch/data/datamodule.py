@@ -29,6 +29,7 @@ __all__ = ["DatasetSpec", "MultimodalDataModule"]
 
 log = logging.getLogger(__name__)
 
+
 class MultimodalDataModule(L.LightningDataModule):
     """Train/val/test/predict loaders of multimodal samples.
 
