@@ -86,7 +86,7 @@ def train_rate(module: MultimodalLitModule, batch: dict, steps: int) -> float:
 
 def skewed_rows(n: int) -> dict:
     """Demo digits whose answers repeat the digit's name 1–50 times (4–200 tokens), most of them short."""
-    from cornstarch.data import digits_vlm_dataset
+    from cornstarch.demo import digits_vlm_dataset
 
     base = digits_vlm_dataset("train", image_size=8, n=n)
     rng = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cornstarch.data.datamodule import MultimodalDataModule  # noqa: E402
-from cornstarch.data.demo import digits_vlm_dataset  # noqa: E402
+from cornstarch.demo import digits_vlm_dataset  # noqa: E402
 from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
 from cornstarch.lit.module import LoraSpec, MultimodalLitModule  # noqa: E402
 from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
@@ -58,7 +58,7 @@ def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: boo
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return MultimodalLitModule(
-        encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.data.demo:build_tokenizer",
+        encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.demo:demo_tokenizer",
         projector_type="mlp", gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
         freeze_schedule=LORA_SCHEDULE if lora else SCHEDULE, lora=LoraSpec(r=2) if lora else None,
         optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": 5e-4}, warmup_steps=1, schedule="cosine"))

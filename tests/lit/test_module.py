@@ -27,8 +27,8 @@ from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "digits_vlm.yaml"
-TOKENIZER = "cornstarch.data.demo:build_tokenizer"
-DATASET = "cornstarch.data.demo:digits_vlm_dataset"
+TOKENIZER = "cornstarch.demo:demo_tokenizer"
+DATASET = "cornstarch.demo:digits_vlm_dataset"
 LM_LR = 5e-4
 TRANSITION = 3  # the language model starts training at this global step
 SCHEDULE = [Stage(train=["vision.module", "vision.projector"], start=0, name="align"),
@@ -343,7 +343,7 @@ def test_cli_print_config_fit_and_export(tmp_path, monkeypatch):
     module.eval()
     model = MultimodalModel.from_pretrained(str(out)).eval()
     processor = MultimodalProcessor.from_pretrained(str(out))
-    from cornstarch.data.demo import digits_vlm_dataset
+    from cornstarch.demo import digits_vlm_dataset
 
     row = digits_vlm_dataset("validation", image_size=8, n=2)[0]
     batch = make_data(8, 8)
@@ -417,7 +417,7 @@ def test_image_audio_experiment_parses_and_builds():
     assert info.value.code in (0, None)
     config = yaml.safe_load(out.getvalue())
     assert set(config["model"]["encoders"]) == {"vision", "audio"}
-    assert config["data"]["train"]["path"] == "cornstarch.data.demo:digits_valm_dataset"
+    assert config["data"]["train"]["path"] == "cornstarch.demo:digits_valm_dataset"
 
 
 @pytest.mark.parametrize("recipe", sorted((CONFIG.parent / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
