@@ -19,7 +19,7 @@ class DatasetSpec:
     Args:
         path: ``"json"``, ``"imagefolder"``, ``"csv"``, ``"parquet"``, a local dataset directory or hub name
             (for ``datasets.load_dataset``), or ``"module:function"`` returning a ``datasets.Dataset``
-            (e.g. ``"cornstarch.data.demo:digits_vlm_dataset"``).
+            (e.g. ``"cornstarch.demo:digits_vlm_dataset"``).
         data_files: files for ``json``/``csv``/``parquet`` (relative media paths are relative to the first file).
         data_dir: directory for ``imagefolder`` (with ``metadata.jsonl``).
         split: the split to read (``"train"``, ``"test"``, …), also passed to a ``module:function``.
