@@ -8,49 +8,11 @@ object of the same name in :mod:`cornstarch.demo`. Importing this module emits a
 
 import warnings
 
-from ..demo import (
-    AUDIO_PLACEHOLDER,
-    CHAT_TEMPLATE,
-    DIGIT_NAMES,
-    DTMF_FREQUENCIES,
-    IMAGE_PLACEHOLDER,
-    SPLITS,
-    VALM_FEATURES,
-    VALM_QUESTION,
-    VLM_FEATURES,
-    VLM_QUESTION,
-    demo_root,
-    digits_images,
-    digits_split,
-    digits_valm_dataset,
-    digits_vlm_dataset,
-    dtmf_tone,
-    tokenizer_corpus,
-    write_demo_files,
-)
+from .. import demo as _demo
+from ..demo import *  # noqa: F401,F403  (every public name of cornstarch.demo)
 from ..demo import demo_tokenizer as build_tokenizer
 
 warnings.warn("cornstarch.data.demo is deprecated: use cornstarch.demo (build_tokenizer is now demo_tokenizer)",
               DeprecationWarning, stacklevel=2)
 
-__all__ = [
-    "AUDIO_PLACEHOLDER",
-    "CHAT_TEMPLATE",
-    "DIGIT_NAMES",
-    "DTMF_FREQUENCIES",
-    "IMAGE_PLACEHOLDER",
-    "SPLITS",
-    "VALM_FEATURES",
-    "VALM_QUESTION",
-    "VLM_FEATURES",
-    "VLM_QUESTION",
-    "build_tokenizer",
-    "demo_root",
-    "digits_images",
-    "digits_split",
-    "digits_valm_dataset",
-    "digits_vlm_dataset",
-    "dtmf_tone",
-    "tokenizer_corpus",
-    "write_demo_files",
-]
+__all__ = [name for name in _demo.__all__ if name != "demo_tokenizer"] + ["build_tokenizer"]
