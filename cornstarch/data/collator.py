@@ -255,7 +255,7 @@ class MultimodalCollator:
         """
         indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
-        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
+        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items() if n)
                 for (ids, _), its in zip(tokenized, items_per_sample)]
 
     def _per_item(self, key: str) -> int:
