@@ -27,6 +27,7 @@ DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "spe
 MEDIA_FIELDS = frozenset({"images", "audios", "videos"})
 # First argument names of audio processors (feature extractors); their items are waveforms.
 AUDIO_ARGUMENTS = frozenset({"raw_speech", "audio", "audios"})
+LONG_AUDIO_REPORTED = 5  # clips longer than the audio processor keeps: warnings (naming the sample) per collator
 
 
 def default_fields(keys: Sequence[str]) -> dict[str, str]:
@@ -134,7 +135,8 @@ class MultimodalCollator:
         on_too_long: ``"error"`` (raise, naming the sample) or ``"skip"`` (drop it; counted in ``skipped``).
         on_long_audio: for a clip longer than the audio processor's window (:func:`audio_window`; the encoder
             would see only its start): ``"warn"`` (a :class:`~cornstarch.data.media.SampleWarning` naming the
-            sample) or ``"error"`` (raise, naming it).
+            sample, for the first ``LONG_AUDIO_REPORTED`` such clips; all are counted in ``long_audio``) or
+            ``"error"`` (raise, naming it).
         padding_side: ``"right"`` for training, ``"left"`` for generation.
         generate: build prompts only (ending with the assistant prompt) and return the reference ``answers``.
         with_prompts: also return left-padded ``prompt_input_ids``/``prompt_attention_mask`` and ``answers``
@@ -165,6 +167,7 @@ class MultimodalCollator:
     processor_kwargs: Mapping[str, Any] = field(default_factory=dict)
     base_dir: str | None = None
     skipped: int = 0
+    long_audio: int = 0
 
     def __post_init__(self):
         if self.on_too_long not in ("error", "skip"):
@@ -214,8 +217,12 @@ class MultimodalCollator:
                            f"samples) and cuts the rest; trim or split the clip (one placeholder per part)")
                 if self.on_long_audio == "error":
                     raise SampleError(index, name, problem + ".")
-                warnings.warn(sample_message(index, name, problem + ", or set on_long_audio='error' to refuse such "
-                                                                    "clips."), SampleWarning, stacklevel=4)
+                self.long_audio += 1
+                if self.long_audio <= LONG_AUDIO_REPORTED:
+                    last = " This is the last clip reported; long_audio counts them all." \
+                        if self.long_audio == LONG_AUDIO_REPORTED else ""
+                    warnings.warn(sample_message(index, name, f"{problem}, or set on_long_audio='error' to refuse "
+                                                              f"such clips.{last}"), SampleWarning, stacklevel=4)
 
     def _segments(self, sample: Mapping[str, Any], index: Any, prompt_only: bool | None = None) -> list[tuple[str, bool]]:
         prompt_only = self.generate if prompt_only is None else prompt_only

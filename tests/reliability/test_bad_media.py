@@ -11,7 +11,7 @@ import soundfile
 from PIL import Image
 
 from cornstarch.data import media
-from cornstarch.data.collator import MultimodalCollator
+from cornstarch.data.collator import LONG_AUDIO_REPORTED, MultimodalCollator
 from cornstarch.data.media import SampleError, SampleWarning, load_audio, load_image
 from tests import tiny
 from tests.data.test_collator import make, sample
@@ -184,6 +184,18 @@ def test_audio_longer_than_the_window_warns_naming_the_sample():
                                            r"but the audio processor keeps only the first 2.00 s \(5120 samples\)"):
         batch = collate([sample(0, n_audio=1), long_audio_sample(77)])
     assert batch["input_features"].shape[0] == 2, "still collated, as warned"
+
+
+def test_long_audio_warnings_stop_after_a_few_but_all_are_counted():
+    _, proc = make(audio=True)
+    collate = MultimodalCollator(proc, sampling_rate=tiny.AUDIO_RATE)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        collate([long_audio_sample(i) for i in range(LONG_AUDIO_REPORTED + 3)])
+    messages = [str(w.message) for w in seen if issubclass(w.category, SampleWarning)]
+    assert [m.split(",")[0] for m in messages] == [f"Sample {i}" for i in range(LONG_AUDIO_REPORTED)]
+    assert messages[-1].endswith("This is the last clip reported; long_audio counts them all.")
+    assert collate.long_audio == LONG_AUDIO_REPORTED + 3
 
 
 def test_audio_longer_than_the_window_can_be_refused():
