@@ -31,6 +31,8 @@ def test_uint8_pixel_values_are_refused_naming_the_field(model_and_batch):
     with pytest.raises(ValueError, match=r"input_features \(audio encoder\) has dtype torch.int16.*audio feature "
                                          r"extractor"):
         mllm(**{**batch, "input_features": batch["input_features"].to(torch.int16)})
+    with pytest.raises(ValueError, match=r"pixel_values \(vision encoder\) has dtype torch.uint8"):
+        mllm.generate(batch["input_ids"], pixel_values=raw, input_features=batch["input_features"], max_new_tokens=1)
 
 
 @pytest.mark.parametrize("bad_id", [tiny.VOCAB + 40, -5])
@@ -64,6 +66,10 @@ def test_masks_and_labels_of_the_wrong_length_are_named(model_and_batch, field, 
     with pytest.raises(ValueError, match=rf"{field} has shape \[2, {seq - cut}\] but input_ids has \[2, {seq}\]: "
                                          r"pad .* to the same length \(MultimodalCollator does\)"):
         mllm(**{**batch, field: value})
+    if field == "attention_mask":
+        with pytest.raises(ValueError, match=rf"attention_mask has shape \[2, {seq - cut}\]"):
+            mllm.generate(batch["input_ids"], attention_mask=value, pixel_values=batch["pixel_values"],
+                          input_features=batch["input_features"], max_new_tokens=1)
 
 
 def test_a_mask_for_another_batch_size_or_1d_ids_are_named(model_and_batch):

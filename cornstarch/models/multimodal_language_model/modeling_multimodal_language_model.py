@@ -401,8 +401,13 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
 
         Extra keyword arguments that no encoder takes go to ``language_model.generate``; ``supervised_positions``
         (a train batch's) is accepted and ignored.
+
+        Raises:
+            ValueError: for bad inputs, as :meth:`forward`.
         """
         routed, generate_kwargs = self.route_inputs(kwargs, encoder_inputs)
+        check_text_inputs(input_ids, None, attention_mask, None, has_cache=False)
+        check_encoder_dtypes(routed)
         inputs_embeds, _ = self.embed(input_ids, self.encode(routed))
         placeholders = modality_masks(input_ids, self.modality_token_ids).values()
         safe_ids = input_ids
