@@ -45,7 +45,8 @@ class DatasetSpec:
         """Load the split (offline sources need no network).
 
         Raises:
-            ValueError: for a ``json`` split with a malformed record, naming the file and line.
+            ValueError: for a malformed record in a ``json`` split or an ``imagefolder``'s ``metadata.jsonl``,
+                naming the file and line.
         """
         if ":" in self.path and not os.path.exists(self.path):
             dataset = resolve(self.path)(split=self.split, **self.kwargs)
@@ -54,11 +55,19 @@ class DatasetSpec:
                 dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
                                        split=self.split, **self.kwargs)
             except Exception as err:  # datasets reports a bad record without its file and line
-                where = malformed_json(_file_list(self.data_files)) if self.path == "json" else None
+                where = malformed_json(self._json_files())
                 if where is None:
                     raise
                 raise ValueError(where) from err
         return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
+
+    def _json_files(self) -> list[str]:
+        """The JSON files this spec reads: a ``json`` split's data files, an ``imagefolder``'s metadata files."""
+        if self.path == "json":
+            return _file_list(self.data_files)
+        if self.path == "imagefolder" and self.data_dir:
+            return sorted(glob.glob(os.path.join(self.data_dir, "**", "metadata.json*"), recursive=True))
+        return []
 
     @property
     def base_dir(self) -> str | None:

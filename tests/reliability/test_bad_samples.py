@@ -61,6 +61,15 @@ def test_a_malformed_json_document_names_the_file_and_line(tmp_path):
         DatasetSpec("json", data_files={"train": [str(good), str(bad)]}).load()
 
 
+def test_a_malformed_imagefolder_metadata_line_names_the_file_and_line(tmp_path):
+    for name, image in zip(("a.png", "b.png"), tiny.pil_images(2)):
+        image.save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "prompt": "which digit ?", "answer": "one"}\n'
+                                             '{"file_name": "b.png", "prompt": "which digit ?" "answer": "two"}\n')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'metadata.jsonl'}, line 2: malformed JSON \(Expecting ',' "):
+        DatasetSpec("imagefolder", data_dir=str(tmp_path)).load()
+
+
 def test_well_formed_json_loads_as_before(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c", "answer": "d"}\n')
