@@ -2,7 +2,7 @@
 
 from .collator import MultimodalCollator
 from .datamodule import DatasetSpec, MultimodalDataModule
-from .media import SampleError, load_audio, load_image
+from .media import SampleError, SampleWarning, load_audio, load_image
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "MultimodalCollator",
     "MultimodalDataModule",
     "SampleError",
+    "SampleWarning",
     "load_audio",
     "load_image",
 ]

@@ -8,6 +8,7 @@ strings and per-sample ``[items, ...]`` processor outputs), and :meth:`Multimoda
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
 from .conversation import render_segments, to_messages
-from .media import SampleError, load_audio, load_image
+from .media import SampleError, SampleWarning, load_audio, load_image, sample_message
 
 ANSWERS, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = EVAL_KEYS  # the eval keys by name
 
@@ -26,6 +27,7 @@ DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "spe
 MEDIA_FIELDS = frozenset({"images", "audios", "videos"})
 # First argument names of audio processors (feature extractors); their items are waveforms.
 AUDIO_ARGUMENTS = frozenset({"raw_speech", "audio", "audios"})
+LONG_AUDIO_REPORTED = 5  # clips longer than the audio processor keeps: warnings (naming the sample) per collator
 
 
 def default_fields(keys: Sequence[str]) -> dict[str, str]:
@@ -55,6 +57,26 @@ def _first_argument(processor: Any) -> str:
     params = [p for p in inspect.signature(processor.__call__).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return params[0].name
+
+
+def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
+    """How many samples of a clip an audio processor keeps (it cuts the rest), or None if it keeps them all.
+
+    A processor cuts when it truncates (``truncation``, from ``kwargs`` or its default) to ``max_length`` (from
+    ``kwargs``) or to its fixed window ``n_samples`` (Whisper-style feature extractors: ``chunk_length`` seconds).
+
+    >>> from transformers import WhisperFeatureExtractor
+    >>> audio_window(WhisperFeatureExtractor(), {})  # 30 s at 16 kHz
+    480000
+    >>> audio_window(WhisperFeatureExtractor(), {"truncation": False}) is None
+    True
+    """
+    truncation = inspect.signature(processor.__call__).parameters.get("truncation")
+    default = truncation.default if truncation is not None and truncation.default is not inspect.Parameter.empty \
+        else False
+    if not kwargs.get("truncation", default):
+        return None
+    return kwargs.get("max_length") or getattr(processor, "n_samples", None)
 
 
 # Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
@@ -111,6 +133,10 @@ class MultimodalCollator:
         fields: modality key → sample field; default ``vision→images``, ``audio→audios``, other ``key→keys``.
         max_length: longest allowed sequence; ``None`` for no limit. Modality spans are never cut.
         on_too_long: ``"error"`` (raise, naming the sample) or ``"skip"`` (drop it; counted in ``skipped``).
+        on_long_audio: for a clip longer than the audio processor's window (:func:`audio_window`; the encoder
+            would see only its start): ``"warn"`` (a :class:`~cornstarch.data.media.SampleWarning` naming the
+            sample, for the first ``LONG_AUDIO_REPORTED`` such clips; all are counted in ``long_audio``) or
+            ``"error"`` (raise, naming it).
         padding_side: ``"right"`` for training, ``"left"`` for generation.
         generate: build prompts only (ending with the assistant prompt) and return the reference ``answers``.
         with_prompts: also return left-padded ``prompt_input_ids``/``prompt_attention_mask`` and ``answers``
@@ -121,7 +147,9 @@ class MultimodalCollator:
 
     Raises (when called):
         SampleError (a ``ValueError``): naming the sample index and field, for placeholder/item mismatches, missing
-            or corrupt files, unsupported file types, empty answers, over-long samples, unknown modalities.
+            or corrupt files, unsupported file types, empty answers, over-long samples, unknown modalities, media
+            that cannot be read (:func:`~cornstarch.data.media.load_image`, :func:`~cornstarch.data.media.
+            load_audio`), and over-long audio with ``on_long_audio="error"``.
 
     >>> # collate = MultimodalCollator(processor, max_length=256)
     >>> # batch = collate([{"prompt": "<image> Which digit?", "answer": "seven", "images": [img]}])
@@ -131,6 +159,7 @@ class MultimodalCollator:
     fields: Mapping[str, str] | None = None
     max_length: int | None = None
     on_too_long: str = "error"
+    on_long_audio: str = "warn"
     padding_side: str = "right"
     generate: bool = False
     with_prompts: bool = False
@@ -138,15 +167,20 @@ class MultimodalCollator:
     processor_kwargs: Mapping[str, Any] = field(default_factory=dict)
     base_dir: str | None = None
     skipped: int = 0
+    long_audio: int = 0
 
     def __post_init__(self):
         if self.on_too_long not in ("error", "skip"):
             raise ValueError(f"on_too_long must be 'error' or 'skip', got {self.on_too_long!r}.")
+        if self.on_long_audio not in ("warn", "error"):
+            raise ValueError(f"on_long_audio must be 'warn' or 'error', got {self.on_long_audio!r}.")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         keys = list(self.processor.encoder_processors)
         self.fields = {**default_fields(keys), **dict(self.fields or {})}
         self._inputs = {key: _first_argument(self.processor.encoder_processors[key]) for key in keys}
+        self._windows = {key: audio_window(self.processor.encoder_processors[key], self.processor_kwargs)
+                         for key in keys if self._is_audio(key)}
         tok = self.processor.tokenizer
         probe = tok("a")["input_ids"]
         self._item_counts: dict[str, int] = {}
@@ -168,9 +202,27 @@ class MultimodalCollator:
                 rate = sample.get("sampling_rate") or self.sampling_rate
                 values = [{"array": v, "sampling_rate": rate} if isinstance(v, (list, np.ndarray)) else v for v in values]
                 items[key] = [load_audio(v, index, name, self.sampling_rate, self.base_dir) for v in values]
+                self._check_window(key, items[key], index, name)
             else:
                 items[key] = [load_image(v, index, name, self.base_dir) for v in values]
         return items
+
+    def _check_window(self, key: str, waves: list[np.ndarray], index: Any, name: str) -> None:
+        """Warn about (or refuse, with ``on_long_audio="error"``) clips longer than the audio processor's window."""
+        window = self._windows.get(key)
+        for item, wave in enumerate(waves if window else []):
+            if len(wave) > window:
+                problem = (f"audio item {item} lasts {len(wave) / self.sampling_rate:.2f} s ({len(wave)} samples) but "
+                           f"the {key} processor keeps only the first {window / self.sampling_rate:.2f} s ({window} "
+                           f"samples) and cuts the rest; trim or split the clip (one placeholder per part)")
+                if self.on_long_audio == "error":
+                    raise SampleError(index, name, problem + ".")
+                self.long_audio += 1
+                if self.long_audio <= LONG_AUDIO_REPORTED:
+                    last = " This is the last clip reported; long_audio counts them all." \
+                        if self.long_audio == LONG_AUDIO_REPORTED else ""
+                    warnings.warn(sample_message(index, name, f"{problem}, or set on_long_audio='error' to refuse "
+                                                              f"such clips.{last}"), SampleWarning, stacklevel=4)
 
     def _segments(self, sample: Mapping[str, Any], index: Any, prompt_only: bool | None = None) -> list[tuple[str, bool]]:
         prompt_only = self.generate if prompt_only is None else prompt_only
@@ -210,7 +262,7 @@ class MultimodalCollator:
         """
         indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
-        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
+        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items() if n)
                 for (ids, _), its in zip(tokenized, items_per_sample)]
 
     def _per_item(self, key: str) -> int:

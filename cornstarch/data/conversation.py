@@ -16,7 +16,8 @@ def to_messages(sample: dict[str, Any], index: Any, need_answer: bool = True) ->
     """The sample's conversation: its ``messages``, or ``prompt`` (+ ``answer``) as one user/assistant turn.
 
     Raises:
-        SampleError: for no text, an unknown role, a non-string content, or an empty answer.
+        SampleError: for no text, no turns, an unknown role, a non-string content, an empty answer, or a
+            conversation that starts with the assistant's answer (no prompt).
 
     >>> to_messages({"prompt": "<image> Which digit?", "answer": "seven"}, 0)[1]
     {'role': 'assistant', 'content': 'seven'}
@@ -39,6 +40,11 @@ def to_messages(sample: dict[str, Any], index: Any, need_answer: bool = True) ->
             raise SampleError(index, field, f"turn {turn} content must be a string, got {type(content).__name__}.")
         if message["role"] == "assistant" and not content.strip():
             raise SampleError(index, field, f"turn {turn}: the assistant's answer is empty.")
+    if not messages:
+        raise SampleError(index, field, "the conversation has no turns.")
+    if messages[0]["role"] == "assistant":
+        raise SampleError(index, field, "turn 0 is the assistant's: an answer needs a prompt before it (a user turn, "
+                                        "holding the items' placeholders such as <image>).")
     if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise SampleError(index, field, "no assistant answer to learn from.")
     return messages

@@ -43,6 +43,8 @@ class MultimodalDataModule(L.LightningDataModule):
         group_by_length: batch samples of similar length (less padding).
         max_length: longest sequence; longer samples raise, or are skipped with ``on_too_long="skip"``.
         on_too_long: ``"error"`` or ``"skip"``; skipped samples are dropped at setup and counted in the log.
+        on_long_audio: ``"warn"`` (naming the sample) or ``"error"`` for an audio clip longer than the audio
+            processor keeps (see :class:`~cornstarch.data.collator.MultimodalCollator`).
         sampling_rate: audio sampling rate expected by the audio processor.
         fields: modality key → sample field (default ``vision→images``, ``audio→audios``).
         processor_kwargs: extra keyword arguments for the encoder processors.
@@ -73,6 +75,7 @@ class MultimodalDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         max_length: int | None = None,
         on_too_long: str = "error",
+        on_long_audio: str = "warn",
         sampling_rate: int = 16000,
         fields: dict[str, str] | None = None,
         processor_kwargs: dict[str, Any] | None = None,
@@ -95,7 +98,8 @@ class MultimodalDataModule(L.LightningDataModule):
         self.pack = pack
         if pack and (not max_length or group_by_length):
             raise ValueError("pack=True needs max_length (the tokens per packed row) and excludes group_by_length.")
-        self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
+        self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {},
+                                    on_long_audio=on_long_audio)
         self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
         self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}

@@ -3,6 +3,8 @@ dataset, a ``"module:function"``) or an in-memory ``datasets.Dataset``."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,13 +42,32 @@ class DatasetSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def load(self) -> Dataset:
-        """Load the split (offline sources need no network)."""
+        """Load the split (offline sources need no network).
+
+        Raises:
+            ValueError: for a malformed record in a ``json`` split or an ``imagefolder``'s ``metadata.jsonl``,
+                naming the file and line.
+        """
         if ":" in self.path and not os.path.exists(self.path):
             dataset = resolve(self.path)(split=self.split, **self.kwargs)
         else:
-            dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, **self.kwargs)
+            try:
+                dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
+                                       split=self.split, **self.kwargs)
+            except Exception as err:  # datasets reports a bad record without its file and line
+                where = malformed_json(self._json_files())
+                if where is None:
+                    raise
+                raise ValueError(where) from err
         return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
+
+    def _json_files(self) -> list[str]:
+        """The JSON files this spec reads: a ``json`` split's data files, an ``imagefolder``'s metadata files."""
+        if self.path == "json":
+            return _file_list(self.data_files)
+        if self.path == "imagefolder" and self.data_dir:
+            return sorted(glob.glob(os.path.join(self.data_dir, "**", "metadata.json*"), recursive=True))
+        return []
 
     @property
     def base_dir(self) -> str | None:
@@ -57,6 +78,48 @@ class DatasetSpec:
         if isinstance(files, (list, tuple)):
             files = files[0] if files else None
         return os.path.dirname(os.path.abspath(files)) if isinstance(files, str) else self.data_dir
+
+
+def _file_list(data_files: str | list[str] | dict[str, Any] | None) -> list[str]:
+    """The files ``data_files`` names (globs expanded), in order."""
+    if isinstance(data_files, dict):
+        data_files = [f for files in data_files.values() for f in ([files] if isinstance(files, str) else files)]
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    return [f for pattern in patterns for f in sorted(glob.glob(pattern)) or [pattern] if os.path.isfile(f)]
+
+
+def malformed_json(files: list[str]) -> str | None:
+    r"""Where the first malformed record of JSON Lines (or JSON) files is, as a message; None if all parse.
+
+    A file whose first record parses is read as JSON Lines and checked line by line; otherwise as one JSON
+    document.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+    ...     _ = f.write('{"prompt": "a"}\n{"prompt": }\n')
+    >>> print(malformed_json([f.name]).replace(f.name, "train.jsonl"))
+    train.jsonl, line 2: malformed JSON (Expecting value at column 12); fix or remove the record.
+    >>> os.remove(f.name)
+    """
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        records = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        try:
+            json.loads(records[0][1] if records else "null")
+        except json.JSONDecodeError:  # not JSON Lines: one document
+            try:
+                json.loads("\n".join(lines))
+            except json.JSONDecodeError as err:
+                return f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno}); fix the file."
+            continue
+        for number, line in records:
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return (f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); fix or remove "
+                        f"the record.")
+    return None
 
 
 def load_split(source: DatasetSpec | Dataset) -> Dataset:

@@ -28,6 +28,32 @@ def _class(path: str) -> Any:
         raise ValueError(f"Cannot import {path!r}: {err}") from err
 
 
+def local_or_hub(path: str, what: str) -> str:
+    """``path`` with ``~`` expanded, after checking that a local path (one starting with ``/``, ``.`` or ``~``, or
+    with more than one ``/``: hub ids are ``name`` or ``org/name``) exists.
+
+    Args:
+        path: a local directory or a hub id.
+        what: what the path is for, named in the error.
+
+    Raises:
+        FileNotFoundError: naming ``what`` and ``path``, for a local path that does not exist.
+
+    >>> local_or_hub("org/model", "tokenizer")
+    'org/model'
+    >>> local_or_hub("./no/such/dir", "tokenizer")
+    Traceback (most recent call last):
+        ...
+    FileNotFoundError: tokenizer: path './no/such/dir' does not exist (a local path; hub ids are 'name' or 'org/name').
+    """
+    expanded = os.path.expanduser(path)
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.exists(expanded):
+        raise FileNotFoundError(f"{what}: path {path!r} does not exist (a local path; hub ids are 'name' or "
+                                "'org/name').")
+    return expanded
+
+
 @dataclass
 class PartSpec:
     """One Hugging Face model: ``class_path`` plus a checkpoint or an inline config.
@@ -52,10 +78,7 @@ class PartSpec:
         cls = _class(self.class_path)
         dtype = getattr(torch, self.dtype) if self.dtype else None
         if self.pretrained:
-            path = os.path.expanduser(self.pretrained)
-            looks_local = self.pretrained.startswith(("/", ".", "~")) or self.pretrained.count("/") > 1
-            if looks_local and not os.path.exists(path):  # hub ids are "name" or "org/name"
-                raise FileNotFoundError(f"{self.class_path}: pretrained path {self.pretrained!r} does not exist.")
+            path = local_or_hub(self.pretrained, f"{self.class_path} pretrained")
             extra = {"dtype": dtype} if dtype is not None else {}
             return cls.from_pretrained(path, **self.config, **extra, **self.kwargs)
         if not self.config:
@@ -77,8 +100,15 @@ class ProcessorSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Any:
+        """Instantiate the processor.
+
+        Raises:
+            FileNotFoundError: for a local ``pretrained`` path that does not exist.
+        """
         cls = _class(self.class_path)
-        return cls.from_pretrained(self.pretrained, **self.kwargs) if self.pretrained else cls(**self.kwargs)
+        if not self.pretrained:
+            return cls(**self.kwargs)
+        return cls.from_pretrained(local_or_hub(self.pretrained, f"{self.class_path} pretrained"), **self.kwargs)
 
 
 @dataclass
@@ -109,10 +139,14 @@ class EncoderSpec:
 
 
 def build_tokenizer(path: str) -> Any:
-    """A tokenizer from a directory/hub id, or from a ``"module:function"`` that returns one (e.g. the demo's)."""
-    if ":" in path and not path.startswith(("/", ".")) and "://" not in path:
+    """A tokenizer from a directory/hub id, or from a ``"module:function"`` that returns one (e.g. the demo's).
+
+    Raises:
+        FileNotFoundError: for a local directory that does not exist (see :func:`local_or_hub`).
+    """
+    if ":" in path and not path.startswith(("/", ".", "~")) and "://" not in path:
         return resolve(path)()
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(local_or_hub(path, "tokenizer"))
 
 
 def build_model_and_processor(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...batch import IGNORE_INDEX
+from .input_checks import check_vocabulary
 
 
 def modality_masks(input_ids: torch.Tensor, token_ids: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -85,8 +86,9 @@ def merge_embeddings(
         ``(inputs_embeds [batch, seq, hidden], labels or None)``.
 
     Raises:
-        ValueError: on a token/feature count mismatch (see :func:`check_counts`) or on features whose width
-            differs from the embeddings'.
+        ValueError: on a token/feature count mismatch (see :func:`check_counts`), a token id outside the
+            embeddings (see :func:`.input_checks.check_vocabulary`), or features whose width differs from the
+            embeddings'.
     """
     masks = modality_masks(input_ids, token_ids)
     check_counts(masks, features)
@@ -97,6 +99,7 @@ def merge_embeddings(
         input_ids = input_ids.masked_fill(placeholder, 0)
         if labels is not None:
             labels = labels.masked_fill(placeholder, IGNORE_INDEX)
+    check_vocabulary(input_ids, getattr(embedding, "num_embeddings", None), token_ids)
     embeds = embedding(input_ids)  # [batch, seq, hidden]
     for key, feats in features.items():
         if feats.shape[-1] != embeds.shape[-1]:

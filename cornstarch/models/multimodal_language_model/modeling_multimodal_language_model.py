@@ -25,6 +25,8 @@ from .chunked_loss import check_chunk_size, chunked_head_loss, fusable_head
 from .components import TrainableComponents
 from .configuration_multimodal_language_model import MultimodalProjectorConfig, validate_projection
 from .encoder_module import LM_ARGUMENTS, ModalEncoderModule, hidden_size_of
+from .input_checks import (any_targets, check_distinct_token_ids, check_encoder_dtypes, check_text_inputs,
+                           zero_loss_without_targets)
 from .merging import merge_embeddings, modality_masks
 from .projector import MultimodalProjector
 from .saving import WEIGHTS_NAME, SaveLoad
@@ -168,12 +170,14 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
         """Set the placeholder token id of each modality (ids may lie outside the LM's vocabulary).
 
         Raises:
-            ValueError: for a key that names no encoder.
+            ValueError: for a key that names no encoder, or two modalities given the same id.
         """
         unknown = set(token_ids) - set(self._encoder_keys)
         if unknown:
             raise ValueError(f"No encoder for modality {sorted(unknown)}; encoders: {list(self._encoder_keys)}.")
-        self.modality_token_ids.update({k: int(v) for k, v in token_ids.items()})
+        merged = {**self.modality_token_ids, **{k: int(v) for k, v in token_ids.items()}}
+        check_distinct_token_ids(merged)
+        self.modality_token_ids.update(merged)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -282,10 +286,21 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
             supervised: a :class:`MultimodalCausalLMOutput` with ``logits`` ``[1, n_supervised, vocab]`` at the
             flat positions ``logits_positions``; the loss is the same. With ``loss_chunk_size`` set (tokens per
             chunk) the head and loss are fused and chunked (:mod:`.chunked_loss`): ``logits`` is None and
-            ``predictions`` ``[1, n_supervised]`` holds their argmax.
+            ``predictions`` ``[1, n_supervised]`` holds their argmax. A batch whose labels supervise no token
+            (all -100) has loss 0, with zero gradients, rather than NaN (and a warning when that is known without
+            waiting for the device).
+
+        Raises:
+            ValueError: for an ``attention_mask`` or ``labels`` whose shape differs from ``input_ids``', integer
+                ``pixel_values``/``input_features`` (raw pixels: run the processor), token ids outside the LM's
+                vocabulary (on CPU; an asynchronous device assertion elsewhere), a modality token/feature count
+                mismatch, or an unknown keyword.
         """
         routed, lm_kwargs = self.route_inputs(kwargs, encoder_inputs)
         self._check_lm_kwargs(lm_kwargs)
+        has_cache = any(lm_kwargs.get(name) is not None for name in ("past_key_values", "cache"))
+        check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, has_cache)
+        check_encoder_dtypes(routed)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("MultimodalModel.forward needs input_ids (or inputs_embeds).")
@@ -298,9 +313,11 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
             lm_kwargs.setdefault("use_cache", False)
         positions = self._supervised_positions(labels, supervised_positions)
         if positions is None:
-            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                                       **lm_kwargs)
-        return self._supervised_forward(inputs_embeds, attention_mask, labels, positions, lm_kwargs)
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                                      **lm_kwargs)
+            return out if labels is None else zero_loss_without_targets(out, any_targets(labels))
+        out = self._supervised_forward(inputs_embeds, attention_mask, labels, positions, lm_kwargs)
+        return zero_loss_without_targets(out, positions.numel() > 0)
 
     def _supervised_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                             labels: torch.Tensor, positions: torch.Tensor,
@@ -384,8 +401,13 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
 
         Extra keyword arguments that no encoder takes go to ``language_model.generate``; ``supervised_positions``
         (a train batch's) is accepted and ignored.
+
+        Raises:
+            ValueError: for bad inputs, as :meth:`forward`.
         """
         routed, generate_kwargs = self.route_inputs(kwargs, encoder_inputs)
+        check_text_inputs(input_ids, None, attention_mask, None, has_cache=False)
+        check_encoder_dtypes(routed)
         inputs_embeds, _ = self.embed(input_ids, self.encode(routed))
         placeholders = modality_masks(input_ids, self.modality_token_ids).values()
         safe_ids = input_ids

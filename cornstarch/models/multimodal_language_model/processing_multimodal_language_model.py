@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, BatchFeature
 
 from ..feature_counts import FeatureCounter, flatten_counts
 from .import_paths import UNSERIALIZABLE, import_path, resolve
+from .input_checks import check_distinct_token_ids
 from .placeholders import assign_items, count_placeholders, expand_placeholders
 
 PROCESSOR_CONFIG = "cornstarch_processor.json"
@@ -50,7 +51,8 @@ class MultimodalProcessor:
         predefined_tokens: modality key → placeholder text, e.g. ``{"vision": "<image>"}``.
 
     Raises:
-        ValueError: if a key names no encoder of ``model``.
+        ValueError: if a key names no encoder of ``model``, or two modalities' placeholders are the same token
+            (or one is the tokenizer's pad, bos, eos or unk token).
 
     >>> from PIL import Image
     >>> from tokenizers import Tokenizer, models, pre_tokenizers
@@ -98,6 +100,9 @@ class MultimodalProcessor:
         if new:
             llm_tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
         self.token_ids = {key: llm_tokenizer.convert_tokens_to_ids(tok) for key, tok in self.tokens.items()}
+        reserved = {f"the tokenizer's {name} token": getattr(llm_tokenizer, f"{name}_token_id", None)
+                    for name in ("pad", "bos", "eos", "unk")}
+        check_distinct_token_ids(self.token_ids, reserved)
         self._counter_specs = dict(_counter_specs or {})
         self.counters: dict[str, Callable] = {}
         for key in keys:
