@@ -152,7 +152,7 @@ def read_checkpoint(path: str | os.PathLike, load: Any = None) -> Any:
     >>> _ = bad.write_bytes(b"PK" + bytes(100))
     >>> read_checkpoint(bad)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    cornstarch.lit.checkpointing.CheckpointError: Checkpoint '.../bad.ckpt' (102 bytes) cannot be read: it is truncated or corrupt ...
+    cornstarch.lit.checkpointing.CheckpointError: Checkpoint '.../bad.ckpt' (102 bytes) cannot be read: it is truncated ...
     """
     path = Path(path)
     if not path.exists():
@@ -188,7 +188,8 @@ class Checkpoint(ModelCheckpoint):
     Args:
         last_every_n_steps: write ``last.ckpt`` every this many optimizer steps (``None``/0: only at the points above).
         save_last: as ``ModelCheckpoint``'s; default ``True``.
-        **kwargs: ``ModelCheckpoint``'s (``dirpath``, ``monitor``, ``mode``, ``save_top_k``, ``every_n_train_steps``…).
+        **kwargs: ``ModelCheckpoint``'s (``dirpath``, ``monitor``, ``mode``, ``save_top_k``,
+            ``every_n_train_steps``…).
 
     >>> Checkpoint(last_every_n_steps=50, monitor="val/exact_match", mode="max").save_last
     True

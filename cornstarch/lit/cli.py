@@ -55,7 +55,9 @@ class CornstarchTrainer(L.Trainer):
     """
 
     def __init__(self, *args: Any, callbacks: Any = None, **kwargs: Any):
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [] if callbacks is None else [callbacks]
+        if not isinstance(callbacks, (list, tuple)):
+            callbacks = [] if callbacks is None else [callbacks]
+        callbacks = list(callbacks)
         callbacks += [cls() for cls in (StopOnSignal, NonFiniteGuard) if not any(isinstance(c, cls) for c in callbacks)]
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -64,7 +64,8 @@ def steps_done(progress: Path) -> int:
     return int(lines[-1]) if lines else 0
 
 
-def signal_after(config: Path, progress: Path, signum: int, after_step: int, *args: str, log: Path | None = None) -> int:
+def signal_after(config: Path, progress: Path, signum: int, after_step: int, *args: str,
+                 log: Path | None = None) -> int:
     """Run, send ``signum`` once the run has finished ``after_step`` steps, and return its exit status."""
     proc = start(config, *args, env={"CS_PROGRESS": str(progress)}, log=log)
     wait_for(lambda: steps_done(progress) >= after_step, proc, f"step {after_step}")
