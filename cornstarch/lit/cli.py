@@ -3,6 +3,11 @@
     cornstarch fit --config experiments/digits_vlm.yaml
     cornstarch validate --config experiments/digits_vlm.yaml --ckpt_path runs/digits_vlm/checkpoints/last.ckpt
     cornstarch export --config experiments/digits_vlm.yaml --ckpt_path ... --output_dir exported/
+    cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path last   # resume; an error if there is none
+    cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path auto   # resume if possible (requeued jobs)
+
+Checkpoints are written atomically, ``last.ckpt`` is always the newest state, SIGTERM/SIGINT save it and exit
+143/130, and a non-finite loss stops training: see :mod:`cornstarch.lit.checkpointing`.
 """
 
 from __future__ import annotations
@@ -82,6 +87,24 @@ class CornstarchTrainer(L.Trainer):
                  and callback.dirpath for path in Path(callback.dirpath).glob("last*.ckpt")]
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
+    def _resolve(self, ckpt_path: str | None, fresh_allowed: bool = False) -> str | None:
+        """``"last"`` (and, where ``fresh_allowed``, ``"auto"``) as the newest ``last.ckpt``; other values as given.
+
+        Raises:
+            CheckpointError: for ``"last"`` with no ``last.ckpt`` in the checkpoint directories.
+        """
+        if ckpt_path not in ("last", "auto") or (ckpt_path == "auto" and not fresh_allowed):
+            return ckpt_path
+        found = self.last_checkpoint()
+        if found is None and ckpt_path == "last":
+            dirs = [str(c.dirpath) for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            raise CheckpointError(
+                f"--ckpt_path last: there is no last.ckpt in {dirs or 'any checkpoint directory'} (relative to "
+                f"{os.getcwd()}). Run from the first run's directory or set --trainer.default_root_dir to it; to "
+                f"start fresh, leave out --ckpt_path (or pass --ckpt_path auto: resume if a last.ckpt exists).")
+        log.info("Resuming from %s", found) if found else log.info("No last.ckpt yet: training from scratch")
+        return found
+
     def fit(self, model: Any, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``L.Trainer.fit``; ``ckpt_path="last"`` must find a ``last.ckpt``, ``"auto"`` uses one if it exists.
 
@@ -89,17 +112,19 @@ class CornstarchTrainer(L.Trainer):
             CheckpointError: for ``"last"`` with no ``last.ckpt`` in the checkpoint directories, or a checkpoint
                 that cannot be read.
         """
-        if ckpt_path in ("last", "auto"):
-            found = self.last_checkpoint()
-            if found is None and ckpt_path == "last":
-                dirs = [str(c.dirpath) for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
-                raise CheckpointError(
-                    f"--ckpt_path last: there is no last.ckpt in {dirs or 'any checkpoint directory'} (relative to "
-                    f"{os.getcwd()}). Run from the first run's directory or set --trainer.default_root_dir to it; to "
-                    f"start fresh, leave out --ckpt_path (or pass --ckpt_path auto: resume if a last.ckpt exists).")
-            log.info("Resuming from %s", found) if found else log.info("No last.ckpt yet: training from scratch")
-            ckpt_path = found
-        return super().fit(model, *args, ckpt_path=ckpt_path, **kwargs)
+        return super().fit(model, *args, ckpt_path=self._resolve(ckpt_path, fresh_allowed=True), **kwargs)
+
+    def validate(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.validate``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().validate(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
+
+    def test(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.test``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().test(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
+
+    def predict(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.predict``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().predict(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
 
     def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
                output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None) -> str:

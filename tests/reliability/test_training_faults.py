@@ -114,8 +114,9 @@ def test_full_disk_leaves_no_truncated_checkpoint(tmp_path):
 def test_ckpt_path_last_without_a_checkpoint_fails_and_auto_starts_fresh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run", max_steps=1)
-    with pytest.raises(CheckpointError, match=r"no last\.ckpt in .*run/checkpoints"):
-        main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    for command in ("fit", "validate"):
+        with pytest.raises(CheckpointError, match=r"no last\.ckpt in .*run/checkpoints"):
+            main([command, "--config", str(cfg), "--ckpt_path", "last"])
     main(["fit", "--config", str(cfg), "--ckpt_path", "auto"])
     assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 1
 
