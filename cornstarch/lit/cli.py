@@ -3,23 +3,35 @@
     cornstarch fit --config experiments/digits_vlm.yaml
     cornstarch validate --config experiments/digits_vlm.yaml --ckpt_path runs/digits_vlm/checkpoints/last.ckpt
     cornstarch export --config experiments/digits_vlm.yaml --ckpt_path ... --output_dir exported/
+    cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path last   # resume; an error if there is none
+    cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path auto   # resume if possible (requeued jobs)
+
+Checkpoints are written atomically, ``last.ckpt`` is always the newest state, SIGTERM/SIGINT save it and exit
+143/130, and a non-finite loss stops training: see :mod:`cornstarch.lit.checkpointing`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import MultimodalDataModule
+from .checkpointing import (AtomicCheckpointIO, Checkpoint, CheckpointError, NonFiniteGuard, StopOnSignal,
+                            atomic_path, read_checkpoint)
 from .module import MultimodalLitModule
 
-SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+SPECIAL_CKPT = {"last", "auto", "best", "hpc", "registry"}
+log = logging.getLogger(__name__)
 
 
 def load_model_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -31,15 +43,88 @@ def load_model_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: if ``ckpt_path`` does not exist.
     """
     path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
     if path.is_dir():
-        return _load_distributed_checkpoint(path)["state_dict"]
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        return read_checkpoint(path, lambda: _load_distributed_checkpoint(path))["state_dict"]
+    return read_checkpoint(path)["state_dict"]
 
 
 class CornstarchTrainer(L.Trainer):
-    """A Lightning ``Trainer`` with an ``export`` entry point."""
+    """A Lightning ``Trainer`` whose checkpoints are atomic, with ``export`` and strict resuming.
+
+    Beyond ``L.Trainer``: every checkpoint is written under a temporary name in its directory and renamed into
+    place (:func:`~cornstarch.lit.checkpointing.atomic_path`); :class:`~cornstarch.lit.checkpointing.StopOnSignal`
+    and :class:`~cornstarch.lit.checkpointing.NonFiniteGuard` are added unless given; a
+    :class:`~cornstarch.lit.checkpointing.Checkpoint` without ``dirpath`` writes to ``<default_root_dir>/checkpoints``;
+    ``fit(ckpt_path="last")`` fails when there is no ``last.ckpt`` and ``ckpt_path="auto"`` resumes from it if
+    there is one.
+    """
+
+    def __init__(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+        if not isinstance(callbacks, (list, tuple)):
+            callbacks = [] if callbacks is None else [callbacks]
+        callbacks = list(callbacks)
+        callbacks += [cls() for cls in (StopOnSignal, NonFiniteGuard) if not any(isinstance(c, cls) for c in callbacks)]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, Checkpoint):
+                callback.default_dirpath(self)
+
+    def save_checkpoint(self, filepath: Any, weights_only: bool | None = None, storage_options: Any = None) -> None:
+        """``L.Trainer.save_checkpoint``, written under a temporary name next to ``filepath`` and renamed into place
+        once complete (all ranks write a sharded checkpoint's files; the global-zero rank renames)."""
+        if self.model is None:
+            return super().save_checkpoint(filepath, weights_only, storage_options)
+        with atomic_path(filepath, write=self.is_global_zero) as tmp:
+            self.strategy.barrier("atomic_save_start")  # the stale temporary is gone before any rank writes
+            super().save_checkpoint(tmp, weights_only, storage_options)
+        self.strategy.barrier("atomic_save_end")
+
+    def last_checkpoint(self) -> str | None:
+        """The newest ``last*.ckpt`` in the checkpoint callbacks' directories, or ``None``."""
+        found = [path for callback in self.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
+                 and callback.dirpath for path in Path(callback.dirpath).glob("last*.ckpt")]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+    def _resolve(self, ckpt_path: str | None, fresh_allowed: bool = False) -> str | None:
+        """``"last"`` (and, where ``fresh_allowed``, ``"auto"``) as the newest ``last.ckpt``; other values as given.
+
+        Raises:
+            CheckpointError: for ``"last"`` with no ``last.ckpt`` in the checkpoint directories.
+        """
+        if ckpt_path not in ("last", "auto") or (ckpt_path == "auto" and not fresh_allowed):
+            return ckpt_path
+        found = self.last_checkpoint()
+        if found is None and ckpt_path == "last":
+            dirs = [str(c.dirpath) for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            raise CheckpointError(
+                f"--ckpt_path last: there is no last.ckpt in {dirs or 'any checkpoint directory'} (relative to "
+                f"{os.getcwd()}). Run from the first run's directory or set --trainer.default_root_dir to it; to "
+                f"start fresh, leave out --ckpt_path (or pass --ckpt_path auto: resume if a last.ckpt exists).")
+        log.info("Resuming from %s", found) if found else log.info("No last.ckpt yet: training from scratch")
+        return found
+
+    def fit(self, model: Any, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``L.Trainer.fit``; ``ckpt_path="last"`` must find a ``last.ckpt``, ``"auto"`` uses one if it exists.
+
+        Raises:
+            CheckpointError: for ``"last"`` with no ``last.ckpt`` in the checkpoint directories, or a checkpoint
+                that cannot be read.
+        """
+        return super().fit(model, *args, ckpt_path=self._resolve(ckpt_path, fresh_allowed=True), **kwargs)
+
+    def validate(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.validate``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().validate(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
+
+    def test(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.test``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().test(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
+
+    def predict(self, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        """``L.Trainer.predict``; ``ckpt_path="last"`` must find a ``last.ckpt`` (raises ``CheckpointError``)."""
+        return super().predict(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
 
     def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
                output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None) -> str:
@@ -84,9 +169,19 @@ class CornstarchCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``cornstarch`` console script."""
-    CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
-                  save_config_kwargs={"overwrite": True}, args=args)
+    """Entry point of the ``cornstarch`` console script.
+
+    Raises:
+        SystemExit: with ``128 + signal number`` (SIGTERM 143, SIGINT 130) after a signal stopped training and
+            ``last.ckpt`` was saved, so a preempted run never exits 0.
+    """
+    try:
+        CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
+                      save_config_kwargs={"overwrite": True}, args=args)
+    except (SystemExit, KeyboardInterrupt):
+        if StopOnSignal.exit_code() is None:
+            raise
+        sys.exit(StopOnSignal.exit_code())
 
 
 if __name__ == "__main__":

@@ -41,11 +41,14 @@ class OptimizerConfig:
     in_backward: bool = False
 
     def validate(self, names: Sequence[str]) -> None:
-        """Raise ``ValueError`` for a learning-rate group naming an unknown component, or an unknown schedule."""
+        """Raise ``ValueError`` for a learning-rate group naming an unknown component, a negative ``warmup_steps``
+        or an unknown schedule."""
         unknown = [n for n in self.lr_groups if n not in names]
         if unknown:
             raise ValueError(f"optimizer.lr_groups names {unknown}, which the model does not have; components: "
                              f"{list(names)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
 

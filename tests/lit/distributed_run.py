@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from cornstarch.data.datamodule import MultimodalDataModule  # noqa: E402
 from cornstarch.demo import digits_vlm_dataset  # noqa: E402
 from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
+from cornstarch.lit.cli import CornstarchTrainer  # noqa: E402  (atomic checkpoint writes, files and shard dirs)
 from cornstarch.lit.module import LoraSpec, MultimodalLitModule  # noqa: E402
 from cornstarch.lit.optim import OptimizerConfig  # noqa: E402
 from cornstarch.lit.schedule import Stage  # noqa: E402
@@ -136,11 +137,11 @@ def run(config: dict) -> dict:
     if config.get("checkpoint_every"):  # saved after the step's batch (at an epoch's last batch: exact resume)
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", filename="{step}",
                                          every_n_train_steps=config["checkpoint_every"], save_top_k=-1))
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=config["steps"],
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=config.get("limit_val_batches", 0),
-                        gradient_clip_val=1.0, default_root_dir=str(out), callbacks=callbacks,
-                        enable_checkpointing=bool(config.get("checkpoint_every")))
+    trainer = CornstarchTrainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=config["steps"],
+                                logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, limit_val_batches=config.get("limit_val_batches", 0),
+                                gradient_clip_val=1.0, default_root_dir=str(out), callbacks=callbacks,
+                                enable_checkpointing=bool(config.get("checkpoint_every")))
     trainer.fit(module, datamodule=data, ckpt_path=config.get("resume"), weights_only=False)
     result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": recorder.steps,
               "strategy": type(trainer.strategy).__name__}

@@ -431,7 +431,7 @@ def test_gpu_recipes_print_config_offline(recipe):
     assert config["model"]["language_model"]["pretrained"]
     assert [s["name"] for s in config["model"]["freeze_schedule"]] == ["align", "finetune"]
     callbacks = {c["class_path"]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    checkpoint = callbacks["lightning.pytorch.callbacks.ModelCheckpoint"]  # mid-epoch, for long epochs
+    checkpoint = callbacks["cornstarch.lit.checkpointing.Checkpoint"]  # mid-epoch, for long epochs
     assert checkpoint["every_n_train_steps"] > 0 and checkpoint["save_last"] is True
 
 
