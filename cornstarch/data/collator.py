@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
+from ..models.dynamic_resolution import item_rows
 from .conversation import render_segments, to_messages
 from .media import SampleError, load_audio, load_image
 
@@ -352,15 +353,20 @@ def too_long(index: Any, length: int, max_length: int) -> SampleError:
 
 
 def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -> tuple[dict[str, list], dict]:
-    """Processor outputs split per sample (``[items, ...]`` arrays); outputs not one row per item, kept whole."""
+    """Processor outputs split per sample (``[items, ...]`` arrays, or ``[rows, ...]`` for outputs with several rows
+    per item, see :func:`~cornstarch.models.dynamic_resolution.item_rows`); other outputs, kept whole."""
     per_item: dict[str, list[np.ndarray]] = {}
     shared: dict[str, Any] = {}
     for key, tensors in features.items():
         splits = np.cumsum([0] + [len(c) for c in counts[key]])
+        flat = item_rows(tensors)  # outputs with each item's patches end to end (Qwen2-VL): rows per item
         for name, value in tensors.items():
             if name in per_item or name in shared:
                 raise ValueError(f"Two modality processors output {name!r}; the batch can hold only one.")
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
+            if name in flat:
+                array, bounds = value.numpy(), np.cumsum([0, *flat[name]])[splits]
+                per_item[name] = [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
                 array = value.numpy()
                 per_item[name] = [array[a:b] for a, b in zip(splits[:-1], splits[1:])]
             else:

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from .dynamic_resolution import DYNAMIC_COUNTS
+
 CountFunction = Callable[[dict, dict], "list[int] | list[list[int]]"]
 
 
@@ -73,9 +75,9 @@ BUILTIN_COUNTS: dict[str, Callable[[Any, dict], list[int]]] = {
     "dinov2": _vision_with_cls,
     "dinov2_with_registers": _vision_with_cls,
     "siglip_vision_model": _vision_no_cls,
-    "siglip2_vision_model": _vision_no_cls,
     "whisper": _whisper,
     "qwen2_audio_encoder": _qwen2_audio,
+    **DYNAMIC_COUNTS,  # variable-resolution towers (cornstarch.models.dynamic_resolution)
 }
 
 

@@ -1,0 +1,202 @@
+"""Vision towers whose number of features varies per image: Qwen2-VL, Qwen2.5-VL, SigLIP2 NaFlex and Pixtral.
+
+These towers read each image at (close to) its own resolution, so an image yields as many features as its patch
+grid holds. What each family needs lives here:
+
+- callbacks that let :class:`~cornstarch.models.multimodal_language_model.ModalEncoderModule` feed the tower what
+  its image processor returns (:func:`family_callbacks`; a ``ModalEncoderModule`` given none of its own applies them
+  by itself) and keep only the features the tower computes for real patches;
+- count functions giving the features per image from the processor's outputs (registered in
+  :mod:`cornstarch.models.feature_counts`, so :class:`MultimodalProcessor` expands each placeholder exactly);
+- :func:`item_rows`: how many rows of a flat processor output (Qwen2-VL's ``pixel_values`` ``[patches, 1176]``)
+  belong to each image, so the data layer can split a batch's output per sample and concatenate it again.
+
+============  ==========================================  ======================================================
+family        processor outputs                           features per image
+============  ==========================================  ======================================================
+Qwen2-VL      ``pixel_values`` [patches, C·t·p²],          ``t·h·w / merge²`` (the tower's patch merger kept)
+Qwen2.5-VL    ``image_grid_thw`` [images, 3]
+SigLIP2       ``pixel_values`` [images, max_patches, C·p²], ``h·w`` of ``spatial_shapes`` (the valid patches;
+NaFlex        ``pixel_attention_mask``, ``spatial_shapes``  padding patches are dropped)
+Pixtral       ``pixel_values`` [images, C, H, W] (padded),  ``(height // p) · (width // p)`` of ``image_sizes``
+              ``image_sizes`` [images, 2]
+============  ==========================================  ======================================================
+
+Host synchronisation: these native towers read their grids on the host inside their ``forward`` (Qwen2-VL and
+Qwen2.5-VL build rotary positions and attention windows from ``grid_thw.tolist()``; Pixtral loops over
+``image_sizes``), and keeping SigLIP2's valid patches is a boolean selection whose size the host must learn. On an
+accelerator each such forward waits for the device once; cornstarch adds no other synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["family_callbacks", "item_rows", "merged_patches", "qwen2_vl_inputs", "qwen2_vl_counts", "pixtral_counts",
+           "siglip2_counts", "valid_patches", "DYNAMIC_COUNTS"]
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+def qwen2_vl_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess callback of a Qwen2-VL / Qwen2.5-VL vision tower: the image processor's names → the tower's.
+
+    ``pixel_values`` ``[patches, C·t·p²]`` becomes ``hidden_states`` and ``image_grid_thw`` ``[images, 3]`` becomes
+    ``grid_thw``; both keys are read (``reads``), so :class:`MultimodalModel` routes them to this encoder.
+
+    Args:
+        inputs: the encoder's batch entries, with ``pixel_values`` and ``image_grid_thw``.
+
+    Returns:
+        ``{"hidden_states": ..., "grid_thw": ...}``, the tower's keyword arguments.
+
+    Raises:
+        ValueError: if ``image_grid_thw`` is missing.
+
+    >>> out = qwen2_vl_inputs({"pixel_values": torch.zeros(8, 96), "image_grid_thw": torch.tensor([[1, 2, 4]])})
+    >>> sorted(out), out["hidden_states"].shape
+    (['grid_thw', 'hidden_states'], torch.Size([8, 96]))
+    """
+    if inputs.get("image_grid_thw") is None:
+        raise ValueError("A Qwen2-VL vision tower needs image_grid_thw beside pixel_values (the image processor "
+                         "returns both).")
+    return {"hidden_states": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
+
+
+qwen2_vl_inputs.reads = ("pixel_values", "image_grid_thw")
+
+
+def merged_patches(inputs: dict[str, Any], output: Any) -> tuple[torch.Tensor]:
+    """Postprocess callback of a Qwen2-VL / Qwen2.5-VL vision tower: its patch merger's output as the features.
+
+    Args:
+        inputs: the encoder's inputs (unused).
+        output: the tower's output; ``pooler_output`` is ``[images' merged patches, out_hidden]``, image after image.
+
+    Returns:
+        ``(pooler_output,)``.
+    """
+    return (output.pooler_output,)
+
+
+def valid_patches(inputs: dict[str, Any], output: Any) -> tuple[torch.Tensor]:
+    """Postprocess callback of a SigLIP2 NaFlex tower: the features of the real patches only, image after image.
+
+    The processor pads each image's patches to ``max_num_patches``; ``pixel_attention_mask`` marks the real ones,
+    which come first in each row. Selecting them is one boolean indexing, whose size the host learns (a device sync
+    on accelerators).
+
+    Args:
+        inputs: the encoder's inputs, with ``pixel_attention_mask`` ``[images, max_patches]``.
+        output: the tower's output; element 0 ``[images, max_patches, hidden]``.
+
+    Returns:
+        ``([valid patches, hidden],)``.
+
+    >>> hidden = torch.arange(6.).reshape(1, 3, 2)
+    >>> valid_patches({"pixel_attention_mask": torch.tensor([[1, 1, 0]])}, (hidden,))[0].tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
+    """
+    return (output[0][inputs["pixel_attention_mask"].bool()],)
+
+
+# model_type of the tower's config → ModalEncoderModule callbacks that feed it its processor's outputs.
+_CALLBACKS: dict[str, dict[str, Callable]] = {
+    "qwen2_vl_vision": {"preprocess_callback": qwen2_vl_inputs, "postprocess_module_callback": merged_patches},
+    "qwen2_5_vl_vision": {"preprocess_callback": qwen2_vl_inputs, "postprocess_module_callback": merged_patches},
+    "siglip2_vision_model": {"postprocess_module_callback": valid_patches},
+}
+
+
+def family_callbacks(model: Any) -> dict[str, Callable]:
+    """The ``ModalEncoderModule`` callbacks a variable-resolution tower needs, by its config's ``model_type``.
+
+    ``ModalEncoderModule(tower)`` applies them when given no callbacks; pass them explicitly to combine them with
+    others: ``ModalEncoderModule(tower, **family_callbacks(tower))``.
+
+    Args:
+        model: the tower, or its config.
+
+    Returns:
+        Keyword arguments of ``ModalEncoderModule`` (``preprocess_callback``, ``postprocess_module_callback``);
+        empty for towers that need none (Pixtral, and every fixed-size tower).
+
+    >>> from transformers import Qwen2VLVisionConfig
+    >>> sorted(family_callbacks(Qwen2VLVisionConfig()))
+    ['postprocess_module_callback', 'preprocess_callback']
+    >>> family_callbacks(object())
+    {}
+    """
+    config = getattr(model, "config", model)
+    return dict(_CALLBACKS.get(getattr(config, "model_type", None), {}))
+
+
+# ----------------------------------------------------------------------------------------------- counts
+def qwen2_vl_counts(config: Any, outputs: dict) -> list[int]:
+    """Features per image of a Qwen2-VL / Qwen2.5-VL tower with its merger: ``t·h·w / spatial_merge_size²``.
+
+    >>> from transformers import Qwen2VLVisionConfig
+    >>> qwen2_vl_counts(Qwen2VLVisionConfig(spatial_merge_size=2), {"image_grid_thw": torch.tensor([[1, 4, 8]])})
+    [8]
+    """
+    grid = torch.as_tensor(outputs["image_grid_thw"])  # [images, 3]
+    return (grid.prod(-1) // config.spatial_merge_size**2).tolist()
+
+
+def siglip2_counts(config: Any, outputs: dict) -> list[int]:
+    """Valid patches per image of a SigLIP2 NaFlex tower: ``h·w`` of each row of ``spatial_shapes``.
+
+    >>> siglip2_counts(None, {"spatial_shapes": torch.tensor([[6, 9], [8, 8]])})
+    [54, 64]
+    """
+    return torch.as_tensor(outputs["spatial_shapes"]).prod(-1).tolist()
+
+
+def pixtral_counts(config: Any, outputs: dict) -> list[int]:
+    """Patches per image of a Pixtral tower: ``(height // patch_size) · (width // patch_size)`` of ``image_sizes``.
+
+    >>> from transformers import PixtralVisionConfig
+    >>> pixtral_counts(PixtralVisionConfig(patch_size=4), {"image_sizes": torch.tensor([[20, 32], [8, 8]])})
+    [40, 4]
+    """
+    sizes = torch.as_tensor(outputs["image_sizes"])  # [images, 2]
+    return (sizes // config.patch_size).prod(-1).tolist()
+
+
+# model_type of the encoder config → count function (config, processor outputs) → features per image.
+DYNAMIC_COUNTS: dict[str, Callable[[Any, dict], list[int]]] = {
+    "qwen2_vl_vision": qwen2_vl_counts,
+    "qwen2_5_vl_vision": qwen2_vl_counts,
+    "siglip2_vision_model": siglip2_counts,
+    "pixtral": pixtral_counts,
+}
+
+
+# ----------------------------------------------------------------------------------------------- data layer
+# A processor output with one row per patch → the output holding each item's (t, h, w) grid.
+FLAT_OUTPUTS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+
+
+def item_rows(outputs: dict[str, Any]) -> dict[str, list[int]]:
+    """Rows of each item in processor outputs that lay all items' patches end to end (Qwen2-VL's ``pixel_values``).
+
+    Args:
+        outputs: one processor call's outputs.
+
+    Returns:
+        Output name → rows per item (``t·h·w`` of its grid), for each flat output whose grid is present and whose
+        row count is the grids' total; other outputs are absent.
+
+    >>> item_rows({"pixel_values": torch.zeros(24, 96), "image_grid_thw": torch.tensor([[1, 2, 4], [1, 4, 4]])})
+    {'pixel_values': [8, 16]}
+    """
+    rows = {}
+    for name, grid_name in FLAT_OUTPUTS.items():
+        value, grid = outputs.get(name), outputs.get(grid_name)
+        if value is None or grid is None:
+            continue
+        per_item = torch.as_tensor(grid).prod(-1).tolist()
+        if value.ndim == 2 and value.shape[0] == sum(per_item):
+            rows[name] = per_item
+    return rows
