@@ -257,7 +257,7 @@ class MultimodalCollator:
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         for (ids, _), its, idx in zip(tokenized, items, indices):
             self._check_placeholders(ids, its, idx)
-        features, counts = self._process(items)
+        features, counts = self._process(items, indices)
         columns: dict[str, list] = {"input_ids": []}
         if not self.generate:
             columns["labels"] = []
@@ -329,8 +329,14 @@ class MultimodalCollator:
             batch[ANSWERS] = reader.strings(columns[ANSWERS])
         return batch
 
-    def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
-        """Run each modality's processor once over the batch's items; per-sample feature counts."""
+    def _process(self, items: list[dict[str, list]],
+                 indices: Sequence[Any] | None = None) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+        """Run each modality's processor once over the batch's items; per-sample feature counts.
+
+        Raises:
+            SampleError: naming the sample and field of the first item the processor refuses (an image too
+                small or too elongated for the tower's patches, …), with the processor's message.
+        """
         features, counts = {}, {}
         for key in self.fields:
             flat = [item for its in items for item in its[key]]
@@ -340,10 +346,26 @@ class MultimodalCollator:
             kwargs = dict(self.processor_kwargs)
             if self._is_audio(key):
                 kwargs.setdefault("sampling_rate", self.sampling_rate)
-            features[key], per_item = self.processor.process_modality(key, {self._inputs[key]: flat}, **kwargs)
+            try:
+                features[key], per_item = self.processor.process_modality(key, {self._inputs[key]: flat}, **kwargs)
+            except ValueError as err:
+                raise self._refused(key, items, indices, kwargs) or err
             splits = np.cumsum([0] + [len(its[key]) for its in items])
             counts[key] = [per_item[a:b] for a, b in zip(splits[:-1], splits[1:])]
         return features, counts
+
+    def _refused(self, key: str, items: list[dict[str, list]], indices: Sequence[Any] | None,
+                 kwargs: Mapping[str, Any]) -> SampleError | None:
+        """The first ``key`` item its processor refuses on its own, as an error naming its sample (error path)."""
+        indices = range(len(items)) if indices is None else indices
+        for its, index in zip(items, indices):
+            for item in its[key]:
+                try:
+                    self.processor.process_modality(key, {self._inputs[key]: [item]}, **kwargs)
+                except ValueError as err:
+                    size = f" of {item.width}×{item.height} pixels" if hasattr(item, "width") else ""
+                    return SampleError(index, self.fields[key], f"the {key} processor refuses this item{size}: {err}")
+        return None
 
 
 def too_long(index: Any, length: int, max_length: int) -> SampleError:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from cornstarch.data.collator import MultimodalCollator
 from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
+from cornstarch.data.media import SampleError
 from cornstarch.data.packing import pack_batch
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
 from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
@@ -117,7 +118,10 @@ def test_features_equal_transformers_own(family):
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-6, rtol=0)
 
 
-def counter(name, encoder, processor):
+@pytest.fixture(scope="module")
+def counting(family):
+    """The family's MultimodalProcessor, counting features from the tower's config."""
+    _, _, processor, encoder = family
     mllm = MultimodalModel({"vision": encoder}, tiny.llm("llama"))
     return MultimodalProcessor({"vision": processor}, tiny.tokenizer(), model=mllm)
 
@@ -125,10 +129,9 @@ def counter(name, encoder, processor):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.tuples(st.integers(4, 70), st.integers(4, 70)), min_size=1, max_size=3),
        seed=st.integers(0, 2**16))
-def test_processor_counts_equal_the_features_produced(family, sizes, seed):
-    name, features, processor, encoder = family
-    proc = counter(name, encoder, processor)
-    out, counts = proc.process_modality("vision", {"images": images(sizes, seed)})
+def test_processor_counts_equal_the_features_produced(family, counting, sizes, seed):
+    _, features, _, encoder = family
+    out, counts = counting.process_modality("vision", {"images": images(sizes, seed)})
     with torch.no_grad():
         per_image = [f.shape[0] for f in features(out)]
         produced = encoder(**out).shape[0]
@@ -212,3 +215,14 @@ def test_save_and_reload_keep_callbacks_and_counts(trainable, tmp_path):
     torch.testing.assert_close(batch["input_ids"], collate(SAMPLES)["input_ids"], atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).loss, mllm(**batch).loss, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("size", [(3, 700), (700, 2)], ids=["flat", "thin"])
+def test_an_image_too_elongated_for_the_patches_names_its_sample(trainable, family, size):
+    if family[0] == "siglip2":
+        pytest.skip("SigLIP2 NaFlex fits any image into its patch budget (a 1-patch-high grid at worst)")
+    _, collate = trainable
+    bad = {**sample(1, 5), "images": images([size])}
+    with pytest.raises(SampleError, match=rf"Sample 2, field 'images': .*{size[1]}×{size[0]} pixels"):
+        collate([SAMPLES[0], SAMPLES[1], bad])
