@@ -26,6 +26,20 @@ Host synchronisation: these native towers read their grids on the host inside th
 Qwen2.5-VL build rotary positions and attention windows from ``grid_thw.tolist()``; Pixtral loops over
 ``image_sizes``), and keeping SigLIP2's valid patches is a boolean selection whose size the host must learn. On an
 accelerator each such forward waits for the device once; cornstarch adds no other synchronisation.
+
+>>> from PIL import Image
+>>> from transformers import Qwen2VLImageProcessorPil, Qwen2VLVisionConfig
+>>> from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+>>> from cornstarch.models.multimodal_language_model import ModalEncoderModule
+>>> tower = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(
+...     depth=1, embed_dim=16, hidden_size=24, num_heads=2, mlp_ratio=1, patch_size=4))
+>>> encoder = ModalEncoderModule(tower, projector=torch.nn.Linear(24, 8))  # the family's callbacks come by themselves
+>>> processor = Qwen2VLImageProcessorPil(patch_size=4, size={"shortest_edge": 256, "longest_edge": 2304})
+>>> out = processor(images=[Image.new("RGB", (32, 16)), Image.new("RGB", (8, 8))], return_tensors="pt")
+>>> out["pixel_values"].shape, out["image_grid_thw"].tolist()  # patches end to end; (t, h, w) per image
+(torch.Size([48, 96]), [[1, 4, 8], [1, 4, 4]])
+>>> qwen2_vl_counts(tower.config, out), encoder(**out).shape  # 32 and 16 patches, merged 2×2
+([8, 4], torch.Size([12, 8]))
 """
 
 from __future__ import annotations
@@ -34,8 +48,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["family_callbacks", "item_rows", "merged_patches", "qwen2_vl_inputs", "qwen2_vl_counts", "pixtral_counts",
-           "siglip2_counts", "valid_patches", "DYNAMIC_COUNTS"]
+__all__ = ["family_callbacks", "item_rows", "merged_patches", "placeholder_item", "qwen2_vl_inputs", "qwen2_vl_counts",
+           "pixtral_counts", "siglip2_counts", "valid_patches", "DYNAMIC_COUNTS"]
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
@@ -171,6 +185,43 @@ DYNAMIC_COUNTS: dict[str, Callable[[Any, dict], list[int]]] = {
     "siglip2_vision_model": siglip2_counts,
     "pixtral": pixtral_counts,
 }
+
+
+def placeholder_item(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """One smallest zero image in the form a variable-resolution tower's processor gives it, or None for others.
+
+    Used by :func:`cornstarch.models.dummy_inputs.dummy_inputs` (distributed ranks whose batch has no image).
+
+    Args:
+        config: the tower's config.
+        device, dtype: where and in which floating type to make the pixels.
+
+    Returns:
+        Qwen2-VL / Qwen2.5-VL: one merge block (``pixel_values`` ``[merge², C·t·p²]``, ``image_grid_thw``);
+        SigLIP2: one patch (``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``); Pixtral: one patch
+        (``pixel_values`` ``[1, C, p, p]``, ``image_sizes``).
+
+    >>> from transformers import PixtralVisionConfig
+    >>> item = placeholder_item(PixtralVisionConfig(patch_size=4), torch.device("cpu"), torch.float32)
+    >>> item["pixel_values"].shape, item["image_sizes"].tolist()
+    (torch.Size([1, 3, 4, 4]), [[4, 4]])
+    """
+    model_type = getattr(config, "model_type", None)
+    long = dict(device=device, dtype=torch.long)
+    if model_type in ("qwen2_vl_vision", "qwen2_5_vl_vision"):
+        merge = config.spatial_merge_size
+        width = config.in_channels * config.temporal_patch_size * config.patch_size**2
+        return {"pixel_values": torch.zeros(merge**2, width, device=device, dtype=dtype),
+                "image_grid_thw": torch.tensor([[1, merge, merge]], **long)}
+    if model_type == "siglip2_vision_model":
+        width = config.num_channels * config.patch_size**2
+        return {"pixel_values": torch.zeros(1, 1, width, device=device, dtype=dtype),
+                "pixel_attention_mask": torch.ones(1, 1, **long), "spatial_shapes": torch.tensor([[1, 1]], **long)}
+    if model_type == "pixtral":
+        patch = config.patch_size
+        return {"pixel_values": torch.zeros(1, config.num_channels, patch, patch, device=device, dtype=dtype),
+                "image_sizes": torch.tensor([[patch, patch]], **long)}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- data layer
