@@ -58,6 +58,8 @@ def _first_argument(processor: Any) -> str:
     return params[0].name
 
 
+LENGTH_BATCH = 64  # samples per processor call when measuring the lengths of variable-resolution items
+
 # Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
 TEXT_COLUMNS = frozenset({"input_ids", "labels", PROMPT_INPUT_IDS, ANSWERS})
 
@@ -207,12 +209,25 @@ class MultimodalCollator:
         """Token length of each sample with placeholders expanded, from its text and item counts only.
 
         Each item is taken to yield as many features as the first item of its modality processed here (exact for
-        fixed-size encoders: every supported vision tower and Whisper-style audio encoder).
+        fixed-size encoders: Whisper-style audio encoders and the vision towers with a fixed input size). Items of
+        variable-resolution towers (:mod:`cornstarch.models.dynamic_resolution`) are all processed to be counted.
         """
         indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
-        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items())
-                for (ids, _), its in zip(tokenized, items_per_sample)]
+        varying = [key for key in self.fields if getattr(self.processor.counters.get(key), "varies", False)]
+        extra = self._varying_extra(samples, indices, varying) if varying else [0] * len(samples)
+        return [len(ids) + more + sum(n * (self._per_item(key) - 1) for key, n in its.items() if key not in varying)
+                for (ids, _), its, more in zip(tokenized, items_per_sample, extra)]
+
+    def _varying_extra(self, samples: Sequence[Mapping[str, Any]], indices: list[Any], keys: list[str]) -> list[int]:
+        """Per sample, the tokens its ``keys`` items add beyond one placeholder each (every item processed)."""
+        extra = []
+        for start in range(0, len(samples), LENGTH_BATCH):  # setup, on the CPU: a batch of samples at a time
+            chunk = list(range(start, min(start + LENGTH_BATCH, len(samples))))
+            items = [{k: v if k in keys else [] for k, v in self._items(samples[i], indices[i]).items()} for i in chunk]
+            _, counts = self._process(items, [indices[i] for i in chunk])
+            extra += [sum(sum(counts[k][j]) - len(counts[k][j]) for k in keys) for j in range(len(chunk))]
+        return extra
 
     def _per_item(self, key: str) -> int:
         if key not in self._item_counts:

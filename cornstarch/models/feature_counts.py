@@ -100,6 +100,10 @@ class FeatureCounter:
         config: the encoder's Hugging Face config (its ``model_type`` picks the built-in count).
         callbacks: the encoder's callbacks in order; those with a ``count_features`` attribute change the count.
 
+    Attributes:
+        varies: whether the count depends on each item's size (variable-resolution towers), so that no single
+            item tells the count of the others.
+
     Raises:
         ValueError: for a family with no built-in count (pass ``num_feature_calculation_funcs`` then).
     """
@@ -113,6 +117,7 @@ class FeatureCounter:
             )
         self.config = config
         self._count = BUILTIN_COUNTS[model_type]
+        self.varies = model_type in DYNAMIC_COUNTS  # items yield as many features as their resolution gives
         self._changes = [cb.count_features for cb in callbacks if cb is not None and hasattr(cb, "count_features")]
 
     def __call__(self, inputs: dict, outputs: dict) -> list[int]:

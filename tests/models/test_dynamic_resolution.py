@@ -19,6 +19,7 @@ from cornstarch.data.collator import MultimodalCollator
 from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
 from cornstarch.data.media import SampleError
 from cornstarch.data.packing import pack_batch
+from cornstarch.data.raw import sample_lengths
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
 from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
 from tests import tiny
@@ -243,3 +244,10 @@ def test_a_rank_without_images_runs_the_tower_on_a_placeholder(trainable):
     grads = [p.grad for p in mllm.vision_encoder.parameters() if p.requires_grad]
     assert all(g is not None and not g.any() for g in grads)  # in the graph, with zero gradients
     mllm.zero_grad()
+
+
+def test_lengths_measured_without_encoding_are_exact(trainable):
+    _, collate = trainable
+    dataset = Dataset.from_list(SAMPLES)  # images stored as Arrow Image features, measured undecoded
+    expected = [len(ids) for ids in collate.encode(SAMPLES)["input_ids"]]
+    assert len(set(expected)) > 2 and sample_lengths(dataset, collate) == expected
