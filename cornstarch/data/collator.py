@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
-from ..models.dynamic_resolution import item_rows
+from ..models.dynamic_resolution import PADDED_FAMILIES, cropped_images, item_rows, padded_images
 from .conversation import render_segments, to_messages
 from .media import SampleError, load_audio, load_image
 
@@ -294,7 +294,8 @@ class MultimodalCollator:
                                          for (ids, _), i in zip(prompts, keep)]
         if self.generate or self.with_prompts:
             columns[ANSWERS] = [_answer(samples[i]) for i in keep]
-        per_item, shared = _per_sample(features, counts)
+        cropped = {key for key in features if padded_family(self.processor.counters.get(key))}
+        per_item, shared = _per_sample(features, counts, cropped)
         for name, arrays in per_item.items():
             if name in columns:
                 raise ValueError(f"Processor output {name!r} clashes with another column; rename the modality.")
@@ -337,6 +338,9 @@ class MultimodalCollator:
                 items = reader.items(columns[name])  # [items, ...]
                 if len(items):
                     batch[name] = torch.from_numpy(items)
+        if "pixel_values" in batch and batch["pixel_values"].ndim == 1 and "image_sizes" in batch:  # cropped images
+            batch["pixel_values"] = torch.from_numpy(padded_images(batch["pixel_values"].numpy(),
+                                                                   batch["image_sizes"].numpy()))
         if PROMPT_INPUT_IDS in names:
             prompt, prompt_lengths = reader.tokens(columns[PROMPT_INPUT_IDS])
             batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
@@ -389,7 +393,14 @@ def too_long(index: Any, length: int, max_length: int) -> SampleError:
                                           f"max_length={max_length}; modality spans are never cut.")
 
 
-def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -> tuple[dict[str, list], dict]:
+def padded_family(counter: Any) -> bool:
+    """Whether a modality's processor pads each call's images to the largest (Pixtral): they are then stored per
+    sample without the padding (:func:`~cornstarch.models.dynamic_resolution.cropped_images`)."""
+    return getattr(getattr(counter, "config", None), "model_type", None) in PADDED_FAMILIES
+
+
+def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]],
+                cropped: set[str] = frozenset()) -> tuple[dict[str, list], dict]:
     """Processor outputs split per sample (``[items, ...]`` arrays, or ``[rows, ...]`` for outputs with several rows
     per item, see :func:`~cornstarch.models.dynamic_resolution.item_rows`); other outputs, kept whole."""
     per_item: dict[str, list[np.ndarray]] = {}
@@ -403,6 +414,10 @@ def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -
             if name in flat:
                 array, bounds = value.numpy(), np.cumsum([0, *flat[name]])[splits]
                 per_item[name] = [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            elif key in cropped and name == "pixel_values":  # [Σ C·h·w] per sample, padded again by pad()
+                crops = cropped_images(tensors)
+                per_item[name] = [np.concatenate(crops[a:b] or [np.zeros(0, crops[0].dtype)])
+                                  for a, b in zip(splits[:-1], splits[1:])]
             elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
                 array = value.numpy()
                 per_item[name] = [array[a:b] for a, b in zip(splits[:-1], splits[1:])]

@@ -9,7 +9,9 @@ grid holds. What each family needs lives here:
 - count functions giving the features per image from the processor's outputs (registered in
   :mod:`cornstarch.models.feature_counts`, so :class:`MultimodalProcessor` expands each placeholder exactly);
 - :func:`item_rows`: how many rows of a flat processor output (Qwen2-VL's ``pixel_values`` ``[patches, 1176]``)
-  belong to each image, so the data layer can split a batch's output per sample and concatenate it again.
+  belong to each image, so the data layer can split a batch's output per sample and concatenate it again;
+- :func:`cropped_images` and :func:`padded_images`: Pixtral's images, padded by its processor to the largest of
+  each call, stored per sample without the padding and padded again to the largest of each batch.
 
 ============  ==========================================  ======================================================
 family        processor outputs                           features per image
@@ -46,9 +48,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-__all__ = ["family_callbacks", "item_rows", "merged_patches", "placeholder_item", "qwen2_vl_inputs", "qwen2_vl_counts",
+__all__ = ["cropped_images", "family_callbacks", "item_rows", "merged_patches", "padded_images", "placeholder_item", "qwen2_vl_inputs", "qwen2_vl_counts",
            "pixtral_counts", "siglip2_counts", "valid_patches", "DYNAMIC_COUNTS"]
 
 
@@ -251,3 +254,48 @@ def item_rows(outputs: dict[str, Any]) -> dict[str, list[int]]:
         if value.ndim == 2 and value.shape[0] == sum(per_item):
             rows[name] = per_item
     return rows
+
+
+# model_type of towers whose processor pads each call's images to the largest, with each image's size beside.
+PADDED_FAMILIES = frozenset({"pixtral"})
+
+
+def cropped_images(outputs: dict[str, Any]) -> list[np.ndarray]:
+    """Each image of a padded ``pixel_values`` ``[images, C, H, W]`` without its padding, flattened (``C·h·w``).
+
+    Args:
+        outputs: a Pixtral-style processor's outputs: ``pixel_values`` and ``image_sizes`` ``[images, 2]``.
+
+    Returns:
+        One 1-D array per image; :func:`padded_images` undoes it for any batch of images.
+
+    >>> pixels = torch.arange(2 * 1 * 2 * 3.).reshape(2, 1, 2, 3)
+    >>> [c.tolist() for c in cropped_images({"pixel_values": pixels, "image_sizes": torch.tensor([[2, 3], [1, 2]])})]
+    [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0]]
+    """
+    pixels = np.asarray(outputs["pixel_values"])
+    sizes = np.asarray(outputs["image_sizes"]).tolist()
+    return [image[:, :h, :w].reshape(-1) for image, (h, w) in zip(pixels, sizes)]  # data layer, on the CPU
+
+
+def padded_images(flat: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Images cropped by :func:`cropped_images`, end to end, padded with zeros to the largest height and width.
+
+    Args:
+        flat: ``[Σ C·h·w]``, the images' pixels one after another.
+        sizes: ``[images, 2]``, each image's ``(h, w)``.
+
+    Returns:
+        ``[images, C, max h, max w]``, what the processor returns for the same images in one call.
+
+    >>> padded_images(np.arange(8.), np.array([[2, 3], [1, 2]]))[1].tolist()
+    [[[6.0, 7.0, 0.0], [0.0, 0.0, 0.0]]]
+    """
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    areas = sizes.prod(-1)
+    channels = flat.size // max(int(areas.sum()), 1)
+    out = np.zeros((len(sizes), channels, *sizes.max(0)), dtype=flat.dtype)
+    bounds = np.cumsum([0, *(areas * channels)])
+    for i, (h, w) in enumerate(sizes.tolist()):  # data layer, on the CPU
+        out[i, :, :h, :w] = flat[bounds[i]:bounds[i + 1]].reshape(channels, h, w)
+    return out

@@ -195,15 +195,14 @@ def test_mixed_sizes_train_like_each_sample_alone(trainable, packed):
 
 def test_samples_encoded_ahead_pad_into_the_same_batch(trainable, family):
     _, collate = trainable
-    if family[0] == "pixtral":  # each processor call pads its images to the largest: no fixed item shape
-        with pytest.raises(ValueError, match="preprocess=False"):
-            encode_split(Dataset.from_list(SAMPLES), collate, "train")
-        return
     encoded = encode_split(Dataset.from_list(SAMPLES), collate, "train")  # each sample on its own, in Arrow
     whole, padded = collate(SAMPLES), EncodedCollate(collate)(EncodedDataset(encoded).__getitems__([0, 1, 2, 3]))
     assert whole.keys() == padded.keys()
     for key in whole:
         torch.testing.assert_close(padded[key], whole[key], atol=0, rtol=0)
+    direct = family[2](images=[image for s in SAMPLES for image in s["images"]], return_tensors="pt")
+    for key, value in direct.items():  # the batch holds what the processor gives for all its images at once
+        torch.testing.assert_close(whole[key], value, atol=0, rtol=0)
 
 
 def test_save_and_reload_keep_callbacks_and_counts(trainable, tmp_path):
