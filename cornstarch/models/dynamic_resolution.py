@@ -13,16 +13,14 @@ grid holds. What each family needs lives here:
 - :func:`cropped_images` and :func:`padded_images`: Pixtral's images, padded by its processor to the largest of
   each call, stored per sample without the padding and padded again to the largest of each batch.
 
-============  ==========================================  ======================================================
-family        processor outputs                           features per image
-============  ==========================================  ======================================================
-Qwen2-VL      ``pixel_values`` [patches, C·t·p²],          ``t·h·w / merge²`` (the tower's patch merger kept)
-Qwen2.5-VL    ``image_grid_thw`` [images, 3]
-SigLIP2       ``pixel_values`` [images, max_patches, C·p²], ``h·w`` of ``spatial_shapes`` (the valid patches;
-NaFlex        ``pixel_attention_mask``, ``spatial_shapes``  padding patches are dropped)
-Pixtral       ``pixel_values`` [images, C, H, W] (padded),  ``(height // p) · (width // p)`` of ``image_sizes``
-              ``image_sizes`` [images, 2]
-============  ==========================================  ======================================================
+Per family, the processor's outputs and the features per image:
+
+- Qwen2-VL, Qwen2.5-VL: ``pixel_values`` ``[patches, C·t·p²]`` (all images' patches end to end) and
+  ``image_grid_thw`` ``[images, 3]``; ``t·h·w / merge²`` features (the tower's patch merger kept).
+- SigLIP2 NaFlex: ``pixel_values`` ``[images, max_patches, C·p²]``, ``pixel_attention_mask``, ``spatial_shapes``;
+  ``h·w`` of ``spatial_shapes`` features (the valid patches; padding patches are dropped).
+- Pixtral: ``pixel_values`` ``[images, C, H, W]`` (padded to the largest) and ``image_sizes`` ``[images, 2]``;
+  ``(height // p) · (width // p)`` features.
 
 Host synchronisation: these native towers read their grids on the host inside their ``forward`` (Qwen2-VL and
 Qwen2.5-VL build rotary positions and attention windows from ``grid_thw.tolist()``; Pixtral loops over
