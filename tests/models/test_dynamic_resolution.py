@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cornstarch.data import MultimodalDataModule
 from cornstarch.data.collator import MultimodalCollator
 from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
 from cornstarch.data.media import SampleError
@@ -250,3 +251,19 @@ def test_lengths_measured_without_encoding_are_exact(trainable):
     dataset = Dataset.from_list(SAMPLES)  # images stored as Arrow Image features, measured undecoded
     expected = [len(ids) for ids in collate.encode(SAMPLES)["input_ids"]]
     assert len(set(expected)) > 2 and sample_lengths(dataset, collate) == expected
+
+
+@pytest.mark.parametrize("preprocess", [True, False], ids=["encoded", "raw"])
+def test_data_module_packs_mixed_sizes_into_rows_the_model_takes(trainable, preprocess):
+    mllm, collate = trainable
+    lengths = [len(ids) for ids in collate.encode(SAMPLES)["input_ids"]]
+    data = MultimodalDataModule(train=Dataset.from_list(SAMPLES * 2), processor=collate.processor, batch_size=1,
+                                max_length=max(lengths) + 8, pack=True, preprocess=preprocess)
+    data.setup()
+    tokens, rows = 0, 0
+    with torch.no_grad():
+        for batch in data.train_dataloader():  # every row's placeholders match its images' features
+            assert torch.isfinite(mllm(**batch).loss)
+            tokens += int((batch["input_ids"] != collate.pad_token_id).sum())  # real tokens
+            rows += batch["input_ids"].shape[0]
+    assert data.lengths["train"] == lengths * 2 and tokens == sum(lengths) * 2 and rows < 2 * len(SAMPLES)
