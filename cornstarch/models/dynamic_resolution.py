@@ -49,8 +49,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["cropped_images", "family_callbacks", "item_rows", "merged_patches", "padded_images", "placeholder_item", "qwen2_vl_inputs", "qwen2_vl_counts",
-           "pixtral_counts", "siglip2_counts", "valid_patches", "DYNAMIC_COUNTS"]
+__all__ = ["DYNAMIC_COUNTS", "cropped_images", "family_callbacks", "item_rows", "merged_patches", "padded_images",
+           "pixtral_counts", "placeholder_item", "qwen2_vl_counts", "qwen2_vl_inputs", "siglip2_counts",
+           "valid_patches"]
 
 
 # ----------------------------------------------------------------------------------------------- callbacks

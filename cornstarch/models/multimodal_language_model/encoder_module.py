@@ -116,7 +116,7 @@ class ModalEncoderModule(nn.Module):
             if not isinstance(projector, nn.Module):
                 raise ValueError(f"projector must be a MultimodalProjector or nn.Module, got {type(projector).__name__}.")
             projector = MultimodalProjector(MultimodalProjectorConfig(), projection=projector)
-        if preprocess_callback is None and postprocess_module_callback is None and postprocess_projector_callback is None:
+        if not (preprocess_callback or postprocess_module_callback or postprocess_projector_callback):
             defaults = family_callbacks(model)  # variable-resolution towers: fed their processor's outputs
             preprocess_callback = defaults.get("preprocess_callback")
             postprocess_module_callback = defaults.get("postprocess_module_callback")
