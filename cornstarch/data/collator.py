@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
+from ..models.dynamic_resolution import PADDED_FAMILIES, cropped_images, item_rows, padded_images
 from .conversation import render_segments, to_messages
 from .media import SampleError, SampleWarning, load_audio, load_image, sample_message
 
@@ -78,6 +79,8 @@ def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
         return None
     return kwargs.get("max_length") or getattr(processor, "n_samples", None)
 
+
+LENGTH_BATCH = 64  # samples per processor call when measuring the lengths of variable-resolution items
 
 # Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
 TEXT_COLUMNS = frozenset({"input_ids", "labels", PROMPT_INPUT_IDS, ANSWERS})
@@ -258,12 +261,26 @@ class MultimodalCollator:
         """Token length of each sample with placeholders expanded, from its text and item counts only.
 
         Each item is taken to yield as many features as the first item of its modality processed here (exact for
-        fixed-size encoders: every supported vision tower and Whisper-style audio encoder).
+        fixed-size encoders: Whisper-style audio encoders and the vision towers with a fixed input size). Items of
+        variable-resolution towers (:mod:`cornstarch.models.dynamic_resolution`) are all processed to be counted.
         """
         indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
-        return [len(ids) + sum(n * (self._per_item(key) - 1) for key, n in its.items() if n)
-                for (ids, _), its in zip(tokenized, items_per_sample)]
+        varying = [key for key in self.fields if getattr(self.processor.counters.get(key), "varies", False)]
+        extra = self._varying_extra(samples, indices, varying) if varying else [0] * len(samples)
+        return [len(ids) + more + sum(n * (self._per_item(key) - 1) for key, n in its.items()
+                           if n and key not in varying)
+                for (ids, _), its, more in zip(tokenized, items_per_sample, extra)]
+
+    def _varying_extra(self, samples: Sequence[Mapping[str, Any]], indices: list[Any], keys: list[str]) -> list[int]:
+        """Per sample, the tokens its ``keys`` items add beyond one placeholder each (every item processed)."""
+        extra = []
+        for start in range(0, len(samples), LENGTH_BATCH):  # setup, on the CPU: a batch of samples at a time
+            chunk = list(range(start, min(start + LENGTH_BATCH, len(samples))))
+            items = [{k: v if k in keys else [] for k, v in self._items(samples[i], indices[i]).items()} for i in chunk]
+            _, counts = self._process(items, [indices[i] for i in chunk])
+            extra += [sum(sum(counts[k][j]) - len(counts[k][j]) for k in keys) for j in range(len(chunk))]
+        return extra
 
     def _per_item(self, key: str) -> int:
         if key not in self._item_counts:
@@ -308,7 +325,7 @@ class MultimodalCollator:
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
         for (ids, _), its, idx in zip(tokenized, items, indices):
             self._check_placeholders(ids, its, idx)
-        features, counts = self._process(items)
+        features, counts = self._process(items, indices)
         columns: dict[str, list] = {"input_ids": []}
         if not self.generate:
             columns["labels"] = []
@@ -330,7 +347,8 @@ class MultimodalCollator:
                                          for (ids, _), i in zip(prompts, keep)]
         if self.generate or self.with_prompts:
             columns[ANSWERS] = [_answer(samples[i]) for i in keep]
-        per_item, shared = _per_sample(features, counts)
+        cropped = {key for key in features if padded_family(self.processor.counters.get(key))}
+        per_item, shared = _per_sample(features, counts, cropped)
         for name, arrays in per_item.items():
             if name in columns:
                 raise ValueError(f"Processor output {name!r} clashes with another column; rename the modality.")
@@ -373,6 +391,9 @@ class MultimodalCollator:
                 items = reader.items(columns[name])  # [items, ...]
                 if len(items):
                     batch[name] = torch.from_numpy(items)
+        if "pixel_values" in batch and batch["pixel_values"].ndim == 1 and "image_sizes" in batch:  # cropped images
+            batch["pixel_values"] = torch.from_numpy(padded_images(batch["pixel_values"].numpy(),
+                                                                   batch["image_sizes"].numpy()))
         if PROMPT_INPUT_IDS in names:
             prompt, prompt_lengths = reader.tokens(columns[PROMPT_INPUT_IDS])
             batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
@@ -380,8 +401,14 @@ class MultimodalCollator:
             batch[ANSWERS] = reader.strings(columns[ANSWERS])
         return batch
 
-    def _process(self, items: list[dict[str, list]]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
-        """Run each modality's processor once over the batch's items; per-sample feature counts."""
+    def _process(self, items: list[dict[str, list]],
+                 indices: Sequence[Any] | None = None) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+        """Run each modality's processor once over the batch's items; per-sample feature counts.
+
+        Raises:
+            SampleError: naming the sample and field of the first item the processor refuses (an image too
+                small or too elongated for the tower's patches, …), with the processor's message.
+        """
         features, counts = {}, {}
         for key in self.fields:
             flat = [item for its in items for item in its[key]]
@@ -391,10 +418,26 @@ class MultimodalCollator:
             kwargs = dict(self.processor_kwargs)
             if self._is_audio(key):
                 kwargs.setdefault("sampling_rate", self.sampling_rate)
-            features[key], per_item = self.processor.process_modality(key, {self._inputs[key]: flat}, **kwargs)
+            try:
+                features[key], per_item = self.processor.process_modality(key, {self._inputs[key]: flat}, **kwargs)
+            except ValueError as err:
+                raise self._refused(key, items, indices, kwargs) or err
             splits = np.cumsum([0] + [len(its[key]) for its in items])
             counts[key] = [per_item[a:b] for a, b in zip(splits[:-1], splits[1:])]
         return features, counts
+
+    def _refused(self, key: str, items: list[dict[str, list]], indices: Sequence[Any] | None,
+                 kwargs: Mapping[str, Any]) -> SampleError | None:
+        """The first ``key`` item its processor refuses on its own, as an error naming its sample (error path)."""
+        indices = range(len(items)) if indices is None else indices
+        for its, index in zip(items, indices):
+            for item in its[key]:
+                try:
+                    self.processor.process_modality(key, {self._inputs[key]: [item]}, **kwargs)
+                except ValueError as err:
+                    size = f" of {item.width}×{item.height} pixels" if hasattr(item, "width") else ""
+                    return SampleError(index, self.fields[key], f"the {key} processor refuses this item{size}: {err}")
+        return None
 
 
 def too_long(index: Any, length: int, max_length: int) -> SampleError:
@@ -403,16 +446,32 @@ def too_long(index: Any, length: int, max_length: int) -> SampleError:
                                           f"max_length={max_length}; modality spans are never cut.")
 
 
-def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]]) -> tuple[dict[str, list], dict]:
-    """Processor outputs split per sample (``[items, ...]`` arrays); outputs not one row per item, kept whole."""
+def padded_family(counter: Any) -> bool:
+    """Whether a modality's processor pads each call's images to the largest (Pixtral): they are then stored per
+    sample without the padding (:func:`~cornstarch.models.dynamic_resolution.cropped_images`)."""
+    return getattr(getattr(counter, "config", None), "model_type", None) in PADDED_FAMILIES
+
+
+def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]],
+                cropped: set[str] = frozenset()) -> tuple[dict[str, list], dict]:
+    """Processor outputs split per sample (``[items, ...]`` arrays, or ``[rows, ...]`` for outputs with several rows
+    per item, see :func:`~cornstarch.models.dynamic_resolution.item_rows`); other outputs, kept whole."""
     per_item: dict[str, list[np.ndarray]] = {}
     shared: dict[str, Any] = {}
     for key, tensors in features.items():
         splits = np.cumsum([0] + [len(c) for c in counts[key]])
+        flat = item_rows(tensors)  # outputs with each item's patches end to end (Qwen2-VL): rows per item
         for name, value in tensors.items():
             if name in per_item or name in shared:
                 raise ValueError(f"Two modality processors output {name!r}; the batch can hold only one.")
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
+            if name in flat:
+                array, bounds = value.numpy(), np.cumsum([0, *flat[name]])[splits]
+                per_item[name] = [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            elif key in cropped and name == "pixel_values":  # [Σ C·h·w] per sample, padded again by pad()
+                crops = cropped_images(tensors)
+                per_item[name] = [np.concatenate(crops[a:b] or [np.zeros(0, crops[0].dtype)])
+                                  for a, b in zip(splits[:-1], splits[1:])]
+            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
                 array = value.numpy()
                 per_item[name] = [array[a:b] for a, b in zip(splits[:-1], splits[1:])]
             else:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dynamic_resolution import placeholder_item
+
 
 def _reference(module: nn.Module) -> torch.Tensor | None:
     return next((p for p in module.parameters() if p.is_floating_point()), None)
@@ -21,7 +23,9 @@ def _reference(module: nn.Module) -> torch.Tensor | None:
 def dummy_inputs(encoder: nn.Module) -> dict[str, Any]:
     """One placeholder item for a ``ModalEncoderModule``: its ``dummy_inputs`` if set, else from the config.
 
-    Vision towers with ``image_size``/``num_channels`` get ``pixel_values [1, channels, size, size]``; audio
+    Variable-resolution towers get one smallest image in their processor's form
+    (:func:`cornstarch.models.dynamic_resolution.placeholder_item`); other vision towers with
+    ``image_size``/``num_channels`` get ``pixel_values [1, channels, size, size]``; audio
     encoders with ``num_mel_bins``/``max_source_positions`` (Whisper, Qwen2-Audio) get
     ``input_features [1, mel_bins, 2 * max_source_positions]``. Values are zeros, on the encoder's device and
     floating dtype.
@@ -52,6 +56,9 @@ def dummy_inputs(encoder: nn.Module) -> dict[str, Any]:
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None else torch.float32
     names = encoder.input_names
+    placeholder = placeholder_item(config, device, dtype)  # variable-resolution towers
+    if placeholder is not None:
+        return placeholder
     image_size = getattr(config, "image_size", None)
     if "pixel_values" in names and image_size is not None:
         h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from .dynamic_resolution import DYNAMIC_COUNTS
+
 CountFunction = Callable[[dict, dict], "list[int] | list[list[int]]"]
 
 
@@ -73,9 +75,9 @@ BUILTIN_COUNTS: dict[str, Callable[[Any, dict], list[int]]] = {
     "dinov2": _vision_with_cls,
     "dinov2_with_registers": _vision_with_cls,
     "siglip_vision_model": _vision_no_cls,
-    "siglip2_vision_model": _vision_no_cls,
     "whisper": _whisper,
     "qwen2_audio_encoder": _qwen2_audio,
+    **DYNAMIC_COUNTS,  # variable-resolution towers (cornstarch.models.dynamic_resolution)
 }
 
 
@@ -98,6 +100,10 @@ class FeatureCounter:
         config: the encoder's Hugging Face config (its ``model_type`` picks the built-in count).
         callbacks: the encoder's callbacks in order; those with a ``count_features`` attribute change the count.
 
+    Attributes:
+        varies: whether the count depends on each item's size (variable-resolution towers), so that no single
+            item tells the count of the others.
+
     Raises:
         ValueError: for a family with no built-in count (pass ``num_feature_calculation_funcs`` then).
     """
@@ -111,6 +117,7 @@ class FeatureCounter:
             )
         self.config = config
         self._count = BUILTIN_COUNTS[model_type]
+        self.varies = model_type in DYNAMIC_COUNTS  # items yield as many features as their resolution gives
         self._changes = [cb.count_features for cb in callbacks if cb is not None and hasattr(cb, "count_features")]
 
     def __call__(self, inputs: dict, outputs: dict) -> list[int]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..dynamic_resolution import family_callbacks
 from ..encoder_layers import LayerOutput, truncate_after
 from .configuration_multimodal_language_model import MultimodalProjectorConfig
 from .projector import MultimodalProjector
@@ -21,7 +22,8 @@ LM_ARGUMENTS = frozenset(
 
 
 def hidden_size_of(config: Any) -> int:
-    """The feature width a Hugging Face config declares: ``hidden_size``, else ``d_model``, else ``n_embd``.
+    """The feature width a Hugging Face config declares: ``out_hidden_size`` (the output of a tower whose last
+    module changes the width, as Qwen2.5-VL's patch merger), else ``hidden_size``, ``d_model`` or ``n_embd``.
 
     Raises:
         ValueError: if the config has none of them.
@@ -30,7 +32,7 @@ def hidden_size_of(config: Any) -> int:
     >>> hidden_size_of(WhisperConfig(d_model=48))
     48
     """
-    for name in ("hidden_size", "d_model", "n_embd"):
+    for name in ("out_hidden_size", "hidden_size", "d_model", "n_embd"):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
@@ -71,6 +73,10 @@ class ModalEncoderModule(nn.Module):
     reaches the encoder as a keyword argument; other keys (e.g. ``image_sizes`` for a callback) stay visible to
     the callbacks only. An encoder whose parameters are all frozen runs without building an autograd graph.
 
+    Variable-resolution towers (Qwen2-VL, Qwen2.5-VL, SigLIP2 NaFlex) given no callbacks get their family's
+    (:func:`cornstarch.models.dynamic_resolution.family_callbacks`), so they take their image processor's outputs
+    as they are and yield one feature per merged or valid patch.
+
     Args:
         model: the encoder (``module=`` is accepted as an alias, as in the reference page).
         projector: a :class:`MultimodalProjector` (a plain ``nn.Module`` is wrapped in one); ``None`` lets
@@ -110,6 +116,10 @@ class ModalEncoderModule(nn.Module):
             if not isinstance(projector, nn.Module):
                 raise ValueError(f"projector must be a MultimodalProjector or nn.Module, got {type(projector).__name__}.")
             projector = MultimodalProjector(MultimodalProjectorConfig(), projection=projector)
+        if not (preprocess_callback or postprocess_module_callback or postprocess_projector_callback):
+            defaults = family_callbacks(model)  # variable-resolution towers: fed their processor's outputs
+            preprocess_callback = defaults.get("preprocess_callback")
+            postprocess_module_callback = defaults.get("postprocess_module_callback")
         self.module = model
         self.projector = projector
         self.preprocess_callback = preprocess_callback
@@ -125,8 +135,10 @@ class ModalEncoderModule(nn.Module):
 
     @property
     def input_names(self) -> frozenset[str]:
-        """Names of the batch entries routed to this encoder by :class:`MultimodalModel` (its ``forward``'s)."""
-        return self._module_arguments - LM_ARGUMENTS
+        """Names of the batch entries routed to this encoder by :class:`MultimodalModel`: its ``forward``'s, and
+        those its preprocess callback declares it reads (a ``reads`` attribute, e.g. ``image_grid_thw``)."""
+        reads = frozenset(getattr(self.preprocess_callback, "reads", ()))
+        return (self._module_arguments | reads) - LM_ARGUMENTS
 
     @property
     def hidden_size(self) -> int:
