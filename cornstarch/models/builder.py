@@ -53,9 +53,7 @@ class PartSpec:
         dtype = getattr(torch, self.dtype) if self.dtype else None
         if self.pretrained:
             path = os.path.expanduser(self.pretrained)
-            looks_local = self.pretrained.startswith(("/", ".", "~")) or self.pretrained.count("/") > 1
-            if looks_local and not os.path.exists(path):  # hub ids are "name" or "org/name"
-                raise FileNotFoundError(f"{self.class_path}: pretrained path {self.pretrained!r} does not exist.")
+            _check_local(self.pretrained, self.class_path)
             extra = {"dtype": dtype} if dtype is not None else {}
             return cls.from_pretrained(path, **self.config, **extra, **self.kwargs)
         if not self.config:
@@ -106,6 +104,47 @@ class EncoderSpec:
         names = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
         return {**{n: resolve(getattr(self, n)) for n in names if getattr(self, n)},
                 "feature_layer": self.feature_layer}
+
+
+@dataclass
+class HfSpec:
+    """A pretrained transformers multimodal model to start from: Llava, Llava-Next or Qwen2-Audio, with its
+    processor (:meth:`MultimodalModel.from_hf`, :meth:`MultimodalProcessor.from_hf`).
+
+    Args:
+        source: a local directory or hub id holding the native model and its processor.
+        dtype: ``"bfloat16"``, ``"float32"``, … (default: the checkpoint's).
+        drop_unused_layers: remove the vision layers after ``vision_feature_layer`` (never computed).
+        kwargs: extra ``from_pretrained`` keyword arguments (e.g. ``attn_implementation``).
+
+    >>> HfSpec("llava-hf/llava-1.5-7b-hf", dtype="bfloat16").source
+    'llava-hf/llava-1.5-7b-hf'
+    """
+
+    source: str
+    dtype: str | None = None
+    drop_unused_layers: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> tuple[MultimodalModel, MultimodalProcessor]:
+        """The model and a processor wired to it (offline when ``source`` is a local directory).
+
+        Raises:
+            FileNotFoundError: for a local path that does not exist.
+            ValueError: for a checkpoint of another family.
+        """
+        _check_local(self.source, "from_hf")
+        extra = {"dtype": getattr(torch, self.dtype)} if self.dtype else {}
+        model = MultimodalModel.from_hf(os.path.expanduser(self.source), drop_unused_layers=self.drop_unused_layers,
+                                        **extra, **self.kwargs)
+        return model, MultimodalProcessor.from_hf(os.path.expanduser(self.source), model=model)
+
+
+def _check_local(path: str, what: str) -> None:
+    """Raise ``FileNotFoundError`` for a path that looks local but does not exist (hub ids are "org/name")."""
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(f"{what}: pretrained path {path!r} does not exist.")
 
 
 def build_tokenizer(path: str) -> Any:
