@@ -18,10 +18,10 @@ from typing import Any
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from ..multimodal_language_model import MultimodalModel, MultimodalProcessor
-from . import llava, qwen2_audio
+from . import llava, llava_next, qwen2_audio
 
 # Families in the order they are tried when exporting (the more specific first).
-FAMILIES: tuple[ModuleType, ...] = (qwen2_audio, llava)
+FAMILIES: tuple[ModuleType, ...] = (llava_next, qwen2_audio, llava)
 
 
 def _names(attribute: str) -> str:

@@ -221,7 +221,7 @@ def test_unsupported_processor_and_sources_name_the_part(tmp_path):
     with pytest.raises(ValueError, match=r"LlamaForCausalLM is no supported native class"):
         MultimodalModel.from_hf(tiny.llm("llama"))
     tiny.llm("llama").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"holds a .llama. model; supported: Qwen2AudioForConditionalGeneration"):
+    with pytest.raises(ValueError, match=r"holds a .llama. model; supported: LlavaNextForConditionalGeneration"):
         MultimodalModel.from_hf(tmp_path)
     with pytest.raises(ValueError, match=r"drop_unused_layers needs one vision_feature_layer"):
         MultimodalModel.from_hf(natives.llava([-2, -1]), drop_unused_layers=True)
