@@ -63,15 +63,7 @@ def model_from_hf(source: Any, drop_unused_layers: bool = False, **from_pretrain
 
 def model_to_hf(mllm: MultimodalModel) -> PreTrainedModel:
     """See :meth:`MultimodalModel.to_hf`."""
-    if len(mllm.encoders) != 1:
-        raise ValueError(f"The native classes hold one encoder; this model has {len(mllm.encoders)}: "
-                         f"{list(mllm.encoders)}.")
-    for family in FAMILIES:
-        if family.claims_model(mllm):
-            return family.export_model(mllm)
-    key, encoder = next(iter(mllm.encoders.items()))
-    raise ValueError(f"No native class holds a {type(encoder.module).__name__} {key} encoder; supported: "
-                     f"{_names('NATIVE')}.")
+    return _export(mllm, {key: encoder.module for key, encoder in mllm.encoders.items()}, "model", "encoder")
 
 
 def processor_from_hf(source: Any, model: MultimodalModel | None = None) -> MultimodalProcessor:
@@ -85,15 +77,23 @@ def processor_from_hf(source: Any, model: MultimodalModel | None = None) -> Mult
 
 def processor_to_hf(processor: MultimodalProcessor) -> Any:
     """See :meth:`MultimodalProcessor.to_hf`."""
-    if len(processor.encoder_processors) != 1:
-        raise ValueError(f"The native processors hold one encoder processor; this processor has "
-                         f"{len(processor.encoder_processors)}: {list(processor.encoder_processors)}.")
+    return _export(processor, processor.encoder_processors, "processor", "encoder processor")
+
+
+def _export(obj: Any, parts: dict[str, Any], kind: str, part: str) -> Any:
+    """The native ``kind`` (``"model"`` or ``"processor"``) of the first family that claims ``obj``.
+
+    Raises:
+        ValueError: for other than one ``part``, or a part no family holds (naming both).
+    """
+    if len(parts) != 1:
+        raise ValueError(f"The native {kind}s hold one {part}; this {kind} has {len(parts)}: {list(parts)}.")
     for family in FAMILIES:
-        if family.claims_processor(processor):
-            return family.export_processor(processor)
-    key, encoder_processor = next(iter(processor.encoder_processors.items()))
-    raise ValueError(f"No native processor holds a {type(encoder_processor).__name__} for {key}; supported: "
-                     f"{_names('PROCESSOR')}.")
+        if getattr(family, f"claims_{kind}")(obj):
+            return getattr(family, f"export_{kind}")(obj)
+    key, value = next(iter(parts.items()))
+    supported = _names("NATIVE" if kind == "model" else "PROCESSOR")
+    raise ValueError(f"No native {kind} holds a {type(value).__name__} as {key} {part}; supported: {supported}.")
 
 
 __all__ = ["FAMILIES", "family_of_model", "load_model", "model_from_hf", "model_to_hf", "processor_from_hf",

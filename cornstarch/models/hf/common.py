@@ -130,29 +130,31 @@ def token_in_vocabulary(mllm: MultimodalModel, key: str, native: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- encoders
-def single_encoder(mllm: MultimodalModel, native: str) -> tuple[str, ModalEncoderModule]:
-    """The model's one encoder.
+def multimodal_model(native: PreTrainedModel, key: str, encoder: ModalEncoderModule, token_id: int) -> MultimodalModel:
+    """The :class:`MultimodalModel` of one encoder and the native model's decoder and head (shared)."""
+    inner = native.model
+    mllm = MultimodalModel({key: encoder}, causal_lm(inner.language_model, native.lm_head, native.generation_config))
+    mllm.set_modality_token_ids({key: token_id})
+    return mllm
+
+
+def the_encoder(mllm: MultimodalModel, native: str) -> tuple[str, ModalEncoderModule, nn.Module]:
+    """The model's one encoder: its key, the :class:`ModalEncoderModule` and its tower, checked to be the model
+    transformers builds for the tower's config (what a native class holds).
 
     Raises:
-        ValueError: naming the encoders when there is not exactly one.
+        ValueError: naming the encoders when there is not exactly one, or the tower's class.
     """
     if len(mllm.encoders) != 1:
         raise ValueError(f"{native} holds one encoder; this model has {len(mllm.encoders)}: {list(mllm.encoders)}.")
-    return next(iter(mllm.encoders.items()))
-
-
-def native_tower(module: nn.Module, key: str, native: str) -> nn.Module:
-    """``module``, checked to be the model transformers builds for its config (what a native class holds).
-
-    Raises:
-        ValueError: naming the class otherwise.
-    """
+    key, encoder = next(iter(mllm.encoders.items()))
+    module = encoder.module
     config = getattr(module, "config", None)
     expected = MODEL_MAPPING.get(type(config), None) if config is not None else None
     if type(module) is not expected:
         raise ValueError(f"The {key} encoder is a {type(module).__name__}; {native} holds the model transformers "
                          f"builds for its config ({getattr(expected, '__name__', 'none')}).")
-    return module
+    return key, encoder, module
 
 
 def no_callback(encoder: ModalEncoderModule, key: str, native: str, *names: str) -> None:

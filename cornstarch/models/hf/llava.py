@@ -20,17 +20,8 @@ from ..feature_selection import (
     without_cls,
 )
 from ..multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from .common import (
-    assemble,
-    causal_lm,
-    decoder_and_head,
-    native_tower,
-    no_callback,
-    projector_layers,
-    projector_of,
-    single_encoder,
-    token_in_vocabulary,
-)
+from .common import (assemble, decoder_and_head, multimodal_model, no_callback, projector_layers, projector_of,
+                     the_encoder, token_in_vocabulary)
 
 NATIVE = LlavaForConditionalGeneration
 PROCESSOR = LlavaProcessor
@@ -108,9 +99,7 @@ def import_model(native: LlavaForConditionalGeneration, drop_unused_layers: bool
                              config.projector_hidden_act)
     select = selection(config.vision_feature_layer, config.vision_feature_select_strategy, drop_unused_layers)
     encoder = ModalEncoderModule(inner.vision_tower, projector=projector, **select)
-    mllm = MultimodalModel({KEY: encoder}, causal_lm(inner.language_model, native.lm_head, native.generation_config))
-    mllm.set_modality_token_ids({KEY: config.image_token_id})
-    return mllm
+    return multimodal_model(native, KEY, encoder, config.image_token_id)
 
 
 def selection_of(encoder: ModalEncoderModule, key: str, native: str) -> tuple[int | list[int], str]:
@@ -145,8 +134,7 @@ def export_model(mllm: MultimodalModel) -> LlavaForConditionalGeneration:
     Raises:
         ValueError: naming the part with no Llava equivalent.
     """
-    key, encoder = single_encoder(mllm, "Llava")
-    tower = native_tower(encoder.module, key, "Llava")
+    key, encoder, tower = the_encoder(mllm, "Llava")
     layer, strategy = selection_of(encoder, key, "Llava")
     if not (encoder.preprocess_callback is request_hidden_states and encoder.postprocess_module_callback in
             KNOWN_SELECTIONS):  # the reference page's way of selecting layer -2

@@ -14,17 +14,8 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, Lla
 
 from ..anyres import AnyresTiles, PackImageFeatures, anyres_feature_count
 from ..multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from .common import (
-    assemble,
-    causal_lm,
-    decoder_and_head,
-    native_tower,
-    no_callback,
-    projector_layers,
-    projector_of,
-    single_encoder,
-    token_in_vocabulary,
-)
+from .common import (assemble, decoder_and_head, multimodal_model, no_callback, projector_layers, projector_of,
+                     the_encoder, token_in_vocabulary)
 from .llava import LlavaImageCount, chat_ready_tokenizer, count_settings, selection, selection_of, single_processor
 
 NATIVE = LlavaNextForConditionalGeneration
@@ -84,9 +75,7 @@ def import_model(native: LlavaNextForConditionalGeneration, drop_unused_layers: 
         inner.vision_tower, projector=projector, preprocess_callback=AnyresTiles(config.image_grid_pinpoints, tile),
         postprocess_projector_callback=pack,
         **selection(config.vision_feature_layer, config.vision_feature_select_strategy, drop_unused_layers))
-    mllm = MultimodalModel({KEY: encoder}, causal_lm(inner.language_model, native.lm_head, native.generation_config))
-    mllm.set_modality_token_ids({KEY: config.image_token_id})
-    return mllm
+    return multimodal_model(native, KEY, encoder, config.image_token_id)
 
 
 def export_model(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
@@ -95,8 +84,7 @@ def export_model(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
     Raises:
         ValueError: naming the part with no Llava-Next equivalent.
     """
-    key, encoder = single_encoder(mllm, "Llava-Next")
-    tower = native_tower(encoder.module, key, "Llava-Next")
+    key, encoder, tower = the_encoder(mllm, "Llava-Next")
     layer, strategy = selection_of(encoder, key, "Llava-Next")
     tiles, pack = encoder.preprocess_callback, encoder.postprocess_projector_callback
     if not isinstance(tiles, AnyresTiles):

@@ -11,16 +11,8 @@ from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Q
 
 from ..audio_lengths import AudioAttentionMask, AudioFeaturesWithLengths, TrimAudioFeatures
 from ..multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from .common import (
-    assemble,
-    causal_lm,
-    decoder_and_head,
-    native_tower,
-    projector_layers,
-    projector_of,
-    single_encoder,
-    token_in_vocabulary,
-)
+from .common import (assemble, decoder_and_head, multimodal_model, projector_layers, projector_of, the_encoder,
+                     token_in_vocabulary)
 from .llava import chat_ready_tokenizer, single_processor
 
 NATIVE = Qwen2AudioForConditionalGeneration
@@ -59,9 +51,7 @@ def import_model(native: Qwen2AudioForConditionalGeneration, drop_unused_layers:
     encoder = ModalEncoderModule(inner.audio_tower, projector=projector_of([inner.multi_modal_projector.linear]),
                                  preprocess_callback=AudioAttentionMask(),
                                  postprocess_projector_callback=TrimAudioFeatures())
-    mllm = MultimodalModel({KEY: encoder}, causal_lm(inner.language_model, native.lm_head, native.generation_config))
-    mllm.set_modality_token_ids({KEY: native.config.audio_token_id})
-    return mllm
+    return multimodal_model(native, KEY, encoder, native.config.audio_token_id)
 
 
 def export_model(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
@@ -70,8 +60,7 @@ def export_model(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
     Raises:
         ValueError: naming the part with no Qwen2-Audio equivalent.
     """
-    key, encoder = single_encoder(mllm, "Qwen2-Audio")
-    tower = native_tower(encoder.module, key, "Qwen2-Audio")
+    key, encoder, tower = the_encoder(mllm, "Qwen2-Audio")
     expected = {"preprocess_callback": AudioAttentionMask, "postprocess_module_callback": type(None),
                 "postprocess_projector_callback": TrimAudioFeatures}
     for name, kind in expected.items():

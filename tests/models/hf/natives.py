@@ -86,3 +86,11 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| (same shapes required)."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+def assert_like_native(mllm: torch.nn.Module, native: torch.nn.Module, batch: dict) -> None:
+    """``mllm`` gives ``native``'s logits (within 1e-5) and greedy tokens on the native processor's ``batch``."""
+    with torch.no_grad():
+        assert max_difference(mllm(**batch).logits, native(**batch).logits) <= 1e-5
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(mllm.generate(**batch, **greedy), native.generate(**batch, **greedy))

@@ -45,10 +45,7 @@ def test_imported_llava_gives_native_logits_and_tokens(case, source, tmp_path):
     else:
         mllm = MultimodalModel.from_hf(native).eval()
     assert mllm.component_names() == ["vision.module", "vision.projector", "language_model"]
-    with torch.no_grad():
-        assert max_difference(mllm(**batch).logits, native(**batch).logits) <= 1e-5
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(mllm.generate(**batch, **greedy), native.generate(**batch, **greedy))
+    natives.assert_like_native(mllm, native, batch)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -94,12 +91,7 @@ def composed(selection: str) -> MultimodalModel:
 @pytest.mark.parametrize("selection", ["select", "truncate", "reference"])
 def test_composed_model_exports_to_llava_with_its_logits_and_tokens(selection):
     mllm = composed(selection)
-    native = mllm.to_hf().eval()
-    batch = native_batch(natives.llava_processor())
-    with torch.no_grad():
-        assert max_difference(native(**batch).logits, mllm(**batch).logits) <= 1e-5
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(native.generate(**batch, **greedy), mllm.generate(**batch, **greedy))
+    natives.assert_like_native(mllm, mllm.to_hf().eval(), native_batch(natives.llava_processor()))
 
 
 def test_imported_model_trains_by_component_and_saves_like_a_composed_one(tmp_path):
@@ -192,12 +184,12 @@ def normalised_output() -> MultimodalModel:
 
 
 UNSUPPORTED = {
-    "two_encoders": (two_encoders, r"one encoder; this model has 2: \['vision', 'audio'\]"),
+    "two_encoders": (two_encoders, r"native models hold one encoder; this model has 2: \['vision', 'audio'\]"),
     "unknown_callback": (unknown_callback, r"postprocess_projector_callback .*<lambda>.* no equivalent in Llava"),
     "linear_projector": (linear_projector, r"vision projector is a 'linear' projector; Llava holds a 'mlp'"),
     "token_outside_vocabulary": (token_outside_vocabulary, r"token id 128 lies outside the language model's vocab"),
     "soft_capped_lm": (soft_capped_lm, r"changes its logits after the head \(final_logit_softcapping\)"),
-    "audio_encoder": (audio_only, r"No native class holds a WhisperEncoder audio encoder"),
+    "audio_encoder": (audio_only, r"No native model holds a WhisperEncoder as audio encoder; supported: Llava"),
     "normalised_output": (normalised_output, r"siglip_vision_model output, which is normalised .* SelectFeatures"),
 }
 

@@ -37,10 +37,7 @@ def test_imported_llava_next_gives_native_logits_and_tokens(tower):
     mllm = MultimodalModel.from_hf(native).eval()
     assert mllm.component_names() == ["vision.module", "vision.projector", "language_model"]
     assert mllm.vision_encoder.postprocess_projector_callback.image_newline is native.model.image_newline
-    with torch.no_grad():
-        assert max_difference(mllm(**batch).logits, native(**batch).logits) <= 1e-5
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(mllm.generate(**batch, **greedy), native.generate(**batch, **greedy))
+    natives.assert_like_native(mllm, native, batch)
 
 
 def test_export_of_the_import_is_the_native_model(tmp_path):

@@ -34,10 +34,7 @@ def test_imported_qwen2_audio_gives_native_logits_and_tokens(source, tmp_path):
         native.save_pretrained(tmp_path)
     mllm = MultimodalModel.from_hf(tmp_path if source == "directory" else native).eval()
     assert mllm.component_names() == ["audio.module", "audio.projector", "language_model"]
-    with torch.no_grad():
-        assert max_difference(mllm(**batch).logits, native(**batch).logits) <= 1e-5
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(mllm.generate(**batch, **greedy), native.generate(**batch, **greedy))
+    natives.assert_like_native(mllm, native, batch)
 
 
 def test_export_of_the_import_is_the_native_model(tmp_path):
