@@ -203,6 +203,9 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
                 influence the output). A ``source`` instance shares its tower, so it loses those layers too.
             **from_pretrained_kwargs: for a directory, e.g. ``dtype=torch.bfloat16``.
 
+        Returns:
+            The model, with the native placeholder token id set for its modality.
+
         Raises:
             ValueError: for another class, or a part cornstarch cannot hold (named).
 
@@ -225,6 +228,11 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
 
     def to_hf(self) -> PreTrainedModel:
         """The transformers class with this model's modules (shared, not copied) and the same logits.
+
+        Returns:
+            A ``LlavaForConditionalGeneration`` (one vision encoder), ``LlavaNextForConditionalGeneration``
+            (anyres callbacks, :mod:`cornstarch.models.anyres`) or ``Qwen2AudioForConditionalGeneration`` (a
+            Qwen2-Audio encoder with :mod:`cornstarch.models.audio_lengths`' callbacks).
 
         Raises:
             ValueError: naming the part with no native equivalent: several encoders, a callback, a projector

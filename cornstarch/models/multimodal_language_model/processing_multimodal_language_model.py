@@ -312,8 +312,27 @@ class MultimodalProcessor:
             source: the processor, or a directory (or hub id) it was saved to.
             model: a :class:`MultimodalModel` to tell the token ids (e.g. ``MultimodalModel.from_hf`` 's).
 
+        Returns:
+            A processor with the native tokenizer (its chat template set to the processor's) and encoder processor,
+            counting features as the native processor does.
+
         Raises:
             ValueError: for another processor class.
+
+        >>> from PIL import Image
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+        >>> backend = Tokenizer(models.WordLevel({"<unk>": 0, "what?": 1, "<image>": 2}, unk_token="<unk>"))
+        >>> backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+        >>> images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+        >>> native = LlavaProcessor(images, tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        ...                         num_additional_image_tokens=1)  # 2x2 patches (+ CLS, dropped)
+        >>> processor = MultimodalProcessor.from_hf(native)
+        >>> processor({"vision": {"images": [Image.new("RGB", (8, 8))]}}, {"text": "<image> what?"})["input_ids"]
+        tensor([[2, 2, 2, 2, 1]])
+        >>> type(processor.to_hf()).__name__
+        'LlavaProcessor'
         """
         from ..hf import processor_from_hf
 
@@ -321,6 +340,10 @@ class MultimodalProcessor:
 
     def to_hf(self) -> Any:
         """The transformers processor giving the same ``input_ids`` and encoder inputs.
+
+        Returns:
+            A ``LlavaProcessor``, ``LlavaNextProcessor`` or ``Qwen2AudioProcessor`` sharing this processor's
+            tokenizer and encoder processor (example: :meth:`from_hf`).
 
         Raises:
             ValueError: naming what has no native equivalent (several encoder processors, a feature count).

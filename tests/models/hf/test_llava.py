@@ -107,6 +107,27 @@ def test_imported_model_trains_by_component_and_saves_like_a_composed_one(tmp_pa
         assert torch.equal(again(**batch).logits, mllm.eval()(**batch).logits)
 
 
+def test_lora_and_fsdp_units_work_on_an_imported_model():
+    from peft import LoraConfig, get_peft_model
+
+    from cornstarch.lit.sharding import unit_components, wrap_units
+
+    native = natives.llava()
+    batch = native_batch(natives.llava_processor())
+    with torch.no_grad():
+        expected = native(**batch).logits
+    mllm = MultimodalModel.from_hf(native).eval()
+    units = wrap_units(mllm)
+    assert all(len(parts) == 1 for parts in unit_components(mllm, units).values())
+    mllm.language_model = get_peft_model(mllm.language_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert mllm.component_names() == ["vision.module", "vision.projector", "language_model", "lora"]
+    with pytest.raises(ValueError, match=r"carries LoRA adapters, which Llava cannot hold; merge them first"):
+        mllm.to_hf()
+    mllm.language_model = mllm.language_model.merge_and_unload()
+    with torch.no_grad():
+        assert max_difference(mllm.to_hf()(**batch).logits, expected) <= 1e-5  # fresh adapters change nothing
+
+
 @pytest.mark.parametrize("strategy", ["default", "full"])
 def test_processor_gives_the_native_inputs_and_keeps_the_chat_template(strategy, tmp_path):
     native = natives.llava_processor(strategy)
