@@ -3,6 +3,7 @@
     cornstarch fit --config experiments/digits_vlm.yaml
     cornstarch validate --config experiments/digits_vlm.yaml --ckpt_path runs/digits_vlm/checkpoints/last.ckpt
     cornstarch export --config experiments/digits_vlm.yaml --ckpt_path ... --output_dir exported/
+    cornstarch export --config experiments/gpu/llava15_7b_finetune.yaml --ckpt_path ... --format hf
     cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path last   # resume; an error if there is none
     cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path auto   # resume if possible (requeued jobs)
 
@@ -16,7 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -127,7 +128,8 @@ class CornstarchTrainer(L.Trainer):
         return super().predict(*args, ckpt_path=self._resolve(ckpt_path), **kwargs)
 
     def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
-               output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None) -> str:
+               output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None,
+               format: Literal["cornstarch", "hf"] = "cornstarch") -> str:
         """Write the trained model and its processor as ``save_pretrained`` directories.
 
         Args:
@@ -136,21 +138,31 @@ class CornstarchTrainer(L.Trainer):
             ckpt_path: the Lightning checkpoint to export (a file, or the directory a distributed ``fsdp2`` run
                 writes: its shards are consolidated here); ``None`` exports the config's initial weights.
             output_dir: the directory; ``MultimodalModel.from_pretrained`` and ``MultimodalProcessor.from_pretrained``
-                load it.
-            merge_lora: fold LoRA adapters into the LM weights.
+                load it (``format="cornstarch"``), or transformers' ``AutoModelForImageTextToText`` (or the native
+                audio class) and ``AutoProcessor`` do (``format="hf"``).
+            merge_lora: fold LoRA adapters into the LM weights (``"hf"`` always merges them).
             weights_only: accepted so a config printed by ``fit --print_config`` works; checkpoints are read fully.
+            format: ``"cornstarch"``, or ``"hf"``: the native transformers classes (``MultimodalModel.to_hf``).
 
         Returns:
             ``output_dir``.
+
+        Raises:
+            ValueError: with ``format="hf"``, naming the part of the model or processor that has no native class.
         """
         if ckpt_path is not None:
             model.load_state_dict(load_model_state(ckpt_path))
         mllm = model.model
-        if merge_lora and hasattr(mllm.language_model, "merge_and_unload"):
+        if (merge_lora or format == "hf") and hasattr(mllm.language_model, "merge_and_unload"):
             mllm.language_model = mllm.language_model.merge_and_unload()
-        mllm.save_pretrained(output_dir)
-        model.processor.save_pretrained(output_dir)
-        print(f"Exported model and processor to {output_dir}")
+        if format == "hf":
+            native, processor = mllm.to_hf(), model.processor.to_hf()  # both checked before anything is written
+            native.save_pretrained(output_dir)
+            processor.save_pretrained(output_dir)
+        else:
+            mllm.save_pretrained(output_dir)
+            model.processor.save_pretrained(output_dir)
+        print(f"Exported model and processor to {output_dir} ({format})")
         return output_dir
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import MeanMetric
 
 from ..batch import EVAL_KEYS, TEXT_KEYS
-from ..models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
+from ..models.builder import EncoderSpec, HfSpec, PartSpec, ProcessorSpec, build_model_and_processor
 from ..models.multimodal_language_model.supervised_loss import token_accuracy
 from .optim import OptimizerConfig, WarmupCosine, components_in
 from .schedule import FreezeSchedule, Stage
@@ -52,8 +52,12 @@ class GenerationSpec:
     exact_match: bool = True
 
 
+# language_model's default when from_hf imports it (not None: jsonargparse reads an optional spec's class_path
+# field as a class to instantiate).
+NO_PART = PartSpec(class_path="")
+
 # Checkpoints keep the specs as hyperparameters; let torch's weights-only loader (Lightning's default) read them.
-torch.serialization.add_safe_globals([EncoderSpec, PartSpec, ProcessorSpec, OptimizerConfig, Stage, LoraSpec,
+torch.serialization.add_safe_globals([EncoderSpec, PartSpec, ProcessorSpec, HfSpec, OptimizerConfig, Stage, LoraSpec,
                                       GenerationSpec])
 
 
@@ -62,9 +66,12 @@ class MultimodalLitModule(L.LightningModule):
 
     Args:
         encoders: modality key → :class:`EncoderSpec` (encoder, processor, placeholder, callbacks).
-        language_model: the LM's :class:`PartSpec`.
+        language_model: the LM's :class:`PartSpec` (left out with ``from_hf``).
         tokenizer: the LM tokenizer's directory/hub id, or ``"module:function"`` returning one.
         projector_type, projector_activation: projectors created for the encoders.
+        from_hf: instead of ``encoders``, ``language_model`` and ``tokenizer`` (then not given): a pretrained
+            Llava, Llava-Next or Qwen2-Audio directory or hub id, or an :class:`HfSpec`; model and processor are
+            imported from it (components ``vision.module``/``vision.projector`` or ``audio.…``, ``language_model``).
         optimizer: AdamW settings and per-component learning rates.
         freeze_schedule: stages; each names the components that train (default: all, always).
         lora: LoRA adapters on the LM, or ``None``.
@@ -76,14 +83,14 @@ class MultimodalLitModule(L.LightningModule):
 
     Raises:
         ValueError: before any training, for an unknown component in the schedule or LR groups, an unknown
-            projector type, or a part that cannot be built.
+            projector type, a part that cannot be built, or ``from_hf`` given with (or neither it nor) the parts.
     """
 
     def __init__(
         self,
-        encoders: dict[str, EncoderSpec],
-        language_model: PartSpec,
-        tokenizer: str,
+        encoders: dict[str, EncoderSpec] | None = None,
+        language_model: PartSpec = NO_PART,
+        tokenizer: str | None = None,
         projector_type: str = "mlp",
         projector_activation: str = "gelu",
         optimizer: OptimizerConfig | None = None,
@@ -92,11 +99,23 @@ class MultimodalLitModule(L.LightningModule):
         generation: GenerationSpec | None = None,
         gradient_checkpointing: bool = False,
         loss_chunk_size: int | None = None,
+        from_hf: HfSpec | str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model, self.processor = build_model_and_processor(
-            encoders, language_model, tokenizer, projector_type, projector_activation)
+        parts = {"encoders": encoders, "language_model": getattr(language_model, "class_path", None),
+                 "tokenizer": tokenizer}
+        if from_hf is not None:
+            listed = [name for name, value in parts.items() if value]
+            if listed:
+                raise ValueError(f"from_hf imports the encoders, language model and tokenizer; do not list {listed}.")
+            self.model, self.processor = (HfSpec(from_hf) if isinstance(from_hf, str) else from_hf).build()
+        else:
+            missing = [name for name, value in parts.items() if not value]
+            if missing:
+                raise ValueError(f"Give {missing} (or from_hf: a pretrained Llava, Llava-Next or Qwen2-Audio).")
+            self.model, self.processor = build_model_and_processor(
+                encoders, language_model, tokenizer, projector_type, projector_activation)
         if lora is not None:
             self._add_lora(lora)
         if gradient_checkpointing:

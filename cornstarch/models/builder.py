@@ -138,6 +138,39 @@ class EncoderSpec:
                 "feature_layer": self.feature_layer}
 
 
+@dataclass
+class HfSpec:
+    """A pretrained transformers multimodal model to start from: Llava, Llava-Next or Qwen2-Audio, with its
+    processor (:meth:`MultimodalModel.from_hf`, :meth:`MultimodalProcessor.from_hf`).
+
+    Args:
+        source: a local directory or hub id holding the native model and its processor.
+        dtype: ``"bfloat16"``, ``"float32"``, … (default: the checkpoint's).
+        drop_unused_layers: remove the vision layers after ``vision_feature_layer`` (never computed).
+        kwargs: extra ``from_pretrained`` keyword arguments (e.g. ``attn_implementation``).
+
+    >>> HfSpec("llava-hf/llava-1.5-7b-hf", dtype="bfloat16").source
+    'llava-hf/llava-1.5-7b-hf'
+    """
+
+    source: str
+    dtype: str | None = None
+    drop_unused_layers: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> tuple[MultimodalModel, MultimodalProcessor]:
+        """The model and a processor wired to it (offline when ``source`` is a local directory).
+
+        Raises:
+            FileNotFoundError: for a local path that does not exist.
+            ValueError: for a checkpoint of another family.
+        """
+        source = local_or_hub(self.source, "from_hf")
+        extra = {"dtype": getattr(torch, self.dtype)} if self.dtype else {}
+        model = MultimodalModel.from_hf(source, drop_unused_layers=self.drop_unused_layers, **extra, **self.kwargs)
+        return model, MultimodalProcessor.from_hf(source, model=model)
+
+
 def build_tokenizer(path: str) -> Any:
     """A tokenizer from a directory/hub id, or from a ``"module:function"`` that returns one (e.g. the demo's).
 

@@ -59,7 +59,7 @@ def qwen2_vl_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """Preprocess callback of a Qwen2-VL / Qwen2.5-VL vision tower: the image processor's names → the tower's.
 
     ``pixel_values`` ``[patches, C·t·p²]`` becomes ``hidden_states`` and ``image_grid_thw`` ``[images, 3]`` becomes
-    ``grid_thw``; both keys are read (``reads``), so :class:`MultimodalModel` routes them to this encoder.
+    ``grid_thw``; both keys are declared (``input_names``), so :class:`MultimodalModel` routes them to this encoder.
 
     Args:
         inputs: the encoder's batch entries, with ``pixel_values`` and ``image_grid_thw``.
@@ -80,7 +80,7 @@ def qwen2_vl_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {"hidden_states": inputs["pixel_values"], "grid_thw": inputs["image_grid_thw"]}
 
 
-qwen2_vl_inputs.reads = ("pixel_values", "image_grid_thw")
+qwen2_vl_inputs.input_names = ("pixel_values", "image_grid_thw")
 
 
 def merged_patches(inputs: dict[str, Any], output: Any) -> tuple[torch.Tensor]:

@@ -98,7 +98,9 @@ class FeatureCounter:
 
     Args:
         config: the encoder's Hugging Face config (its ``model_type`` picks the built-in count).
-        callbacks: the encoder's callbacks in order; those with a ``count_features`` attribute change the count.
+        callbacks: the encoder's callbacks in order; those with a ``count_features`` attribute change each item's
+            count, those with ``recount_features(counts, outputs)`` change the counts knowing the processor
+            outputs (e.g. Llava-Next's, from each image's size).
 
     Attributes:
         varies: whether the count depends on each item's size (variable-resolution towers), so that no single
@@ -118,10 +120,15 @@ class FeatureCounter:
         self.config = config
         self._count = BUILTIN_COUNTS[model_type]
         self.varies = model_type in DYNAMIC_COUNTS  # items yield as many features as their resolution gives
-        self._changes = [cb.count_features for cb in callbacks if cb is not None and hasattr(cb, "count_features")]
+        # the callbacks that change counts, in order
+        self.callbacks = [cb for cb in callbacks
+                          if cb is not None and (hasattr(cb, "count_features") or hasattr(cb, "recount_features"))]
 
     def __call__(self, inputs: dict, outputs: dict) -> list[int]:
         counts = self._count(self.config, outputs)
-        for change in self._changes:
-            counts = [change(c) for c in counts]
+        for callback in self.callbacks:
+            if hasattr(callback, "count_features"):
+                counts = [callback.count_features(c) for c in counts]
+            if hasattr(callback, "recount_features"):
+                counts = callback.recount_features(counts, outputs)
         return counts

@@ -12,13 +12,22 @@ The same features from the whole encoder (every layer computed; the reference pa
 
 >>> # ModalEncoderModule(clip, preprocess_callback=request_hidden_states,
 >>> #                    postprocess_module_callback=penultimate_layer_without_cls)
+
+Any layer (or several, concatenated) and either strategy, as Llava's config names them, keeping every layer:
+
+>>> # ModalEncoderModule(clip, postprocess_module_callback=SelectFeatures(layer=-2, strategy="default"))
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .callbacks import ConfiguredCallback
 from .feature_counts import changes_feature_count
+
+STRATEGIES = ("default", "full")
 
 
 def request_hidden_states(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -62,3 +71,61 @@ def without_cls(inputs: dict[str, Any], output: Any) -> tuple:
         A 1-tuple ``(features [n_items, n_tokens - 1, hidden],)``.
     """
     return ((output if hasattr(output, "shape") else output[0])[:, 1:],)
+
+
+class SelectFeatures(ConfiguredCallback):
+    """``postprocess_module_callback`` selecting vision features as Llava's config says.
+
+    ``layer`` is Llava's ``vision_feature_layer``: an index into the encoder's hidden states (the encoder is asked
+    for that layer only), a list of indices whose hidden states are concatenated along the feature axis, or
+    ``None`` for element 0 of the encoder output (the encoder's last output, or the layer ``feature_layer=``
+    truncated to). ``strategy`` is ``vision_feature_select_strategy``: ``"default"`` drops the first (CLS) token,
+    ``"full"`` keeps every token.
+
+    Args:
+        layer: ``int``, list of ``int`` or ``None``.
+        strategy: ``"default"`` or ``"full"``.
+
+    Raises:
+        ValueError: for another strategy or a layer that is no int (or list of ints).
+
+    >>> import transformers as tf
+    >>> clip = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+    ...                                               num_attention_heads=2, image_size=8, patch_size=4))
+    >>> select = SelectFeatures(layer=[-2, -1], strategy="default")
+    >>> select({}, clip(torch.zeros(1, 3, 8, 8), **select.encoder_kwargs))[0].shape  # 4 patches, 2 layers x 8
+    torch.Size([1, 4, 16])
+    >>> select.count_features(5)
+    4
+    """
+
+    def __init__(self, layer: int | list[int] | None = -2, strategy: str = "default"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}.")
+        layers = [layer] if isinstance(layer, int) or layer is None else list(layer)
+        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers if i is not None) \
+                or (None in layers and len(layers) > 1):
+            raise ValueError(f"layer must be an int, a list of ints or None, got {layer!r}.")
+        self.layer = layer if isinstance(layer, int) or layer is None else layers
+        self.strategy = strategy
+
+    def get_config(self) -> dict[str, Any]:
+        return {"layer": self.layer, "strategy": self.strategy}
+
+    @property
+    def encoder_kwargs(self) -> dict[str, Any]:
+        """``{"output_hidden_states": layer}``: transformers then keeps only the selected layers' hidden states."""
+        return {} if self.layer is None else {"output_hidden_states": self.layer}
+
+    def count_features(self, n: int) -> int:
+        """Features per item after selection: one fewer with ``"default"`` (the CLS token is dropped)."""
+        return n - 1 if self.strategy == "default" else n
+
+    def __call__(self, inputs: dict[str, Any], output: Any) -> tuple:
+        if self.layer is None:
+            features = output if isinstance(output, torch.Tensor) else output[0]
+        elif isinstance(self.layer, int):
+            features = output.hidden_states[self.layer]
+        else:
+            features = torch.cat([output.hidden_states[i] for i in self.layer], dim=-1)
+        return (features[:, 1:] if self.strategy == "default" else features,)

@@ -4,7 +4,8 @@ A component is the unit everything that decides "what trains" speaks of: ``mllm.
 Lightning freeze schedule, per-component learning rates and the FSDP units (no unit mixes two components).
 
 - ``"{key}.module"``: the encoder of modality ``key`` (e.g. ``vision.module``);
-- ``"{key}.projector"``: its projector;
+- ``"{key}.projector"``: its projector, with the parameters of its callbacks that are modules (Llava-Next's
+  ``image_newline``);
 - ``"language_model"``: the LM, without LoRA adapters;
 - ``"lora"``: the LM's LoRA adapters, when there are any (parameters whose name holds ``lora_``).
 
@@ -61,6 +62,8 @@ class TrainableComponents:
         for key, encoder in self.encoders.items():
             parts[f"{key}.module"] = list(encoder.module.named_parameters(prefix=f"{key}_encoder.module"))
             parts[f"{key}.projector"] = list(encoder.projector.named_parameters(prefix=f"{key}_encoder.projector"))
+            for name, callback in encoder.callback_modules().items():
+                parts[f"{key}.projector"] += list(callback.named_parameters(prefix=f"{key}_encoder.{name}"))
         lm = list(self.language_model.named_parameters(prefix=LANGUAGE_MODEL))
         parts[LANGUAGE_MODEL] = [(n, p) for n, p in lm if LORA_MARK not in n]
         adapters = [(n, p) for n, p in lm if LORA_MARK in n]
@@ -147,10 +150,10 @@ class TrainableComponents:
             part.train(not _is_frozen(part))
 
     def parts(self) -> list[nn.Module]:
-        """The modules components live in: each encoder's module and projector, then the language model."""
+        """The modules components live in: each encoder's module, projector and callback modules, then the LM."""
         parts: list[nn.Module] = []
         for encoder in self.encoders.values():
-            parts += [encoder.module, encoder.projector]
+            parts += [encoder.module, encoder.projector, *encoder.callback_modules().values()]
         return parts + [self.language_model]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:

@@ -81,7 +81,8 @@ class MultimodalModelConfig(PretrainedConfig):
     Args:
         encoders: per modality key, a dict with ``model_class`` and ``config_class`` (import paths),
             ``config`` (the encoder's config as a dict), ``projector`` (the projector's config as a dict),
-            ``callbacks`` (import paths of module-level callbacks, or ``"<unserializable>"``) and ``dtype``.
+            ``callbacks`` (import paths of module-level callbacks, ``{"class_path", "config"}`` of callbacks with
+            settings, or ``"<unserializable>"``) and ``dtype``.
         language_model: a dict with ``model_class``, ``config_class``, ``config`` and ``dtype``.
         modality_token_ids: the token id of each modality's placeholder, as set by the processor.
         encoder_order: the encoders' order (JSON configs sort keys; parameter order must survive a reload).

@@ -14,6 +14,8 @@ from ..encoder_layers import LayerOutput, truncate_after
 from .configuration_multimodal_language_model import MultimodalProjectorConfig
 from .projector import MultimodalProjector
 
+CALLBACK_NAMES = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
+
 # Arguments of MultimodalModel.forward that belong to the language model and are never routed to an encoder.
 LM_ARGUMENTS = frozenset(
     {"input_ids", "attention_mask", "labels", "position_ids", "inputs_embeds", "cache", "past_key_values",
@@ -77,6 +79,12 @@ class ModalEncoderModule(nn.Module):
     (:func:`cornstarch.models.dynamic_resolution.family_callbacks`), so they take their image processor's outputs
     as they are and yield one feature per merged or valid patch.
 
+    A callback may be an object with settings (:class:`cornstarch.models.callbacks.ConfiguredCallback`): its
+    ``input_names`` are routed to this encoder too, its ``encoder_kwargs`` join the encoder call, and
+    ``attach(module)`` is called with the encoder. A callback that is an ``nn.Module`` (one with learned
+    parameters, such as Llava-Next's ``image_newline``) is a submodule: its parameters train, save and load with
+    the projector.
+
     Args:
         model: the encoder (``module=`` is accepted as an alias, as in the reference page).
         projector: a :class:`MultimodalProjector` (a plain ``nn.Module`` is wrapped in one); ``None`` lets
@@ -132,13 +140,24 @@ class ModalEncoderModule(nn.Module):
         self._module_arguments = frozenset(
             p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         )
+        for callback in self.callbacks():
+            if hasattr(callback, "attach"):
+                callback.attach(model)
+
+    def callbacks(self) -> list[Callable]:
+        """The callbacks that are set, in call order."""
+        return [cb for name in CALLBACK_NAMES if (cb := getattr(self, name)) is not None]
+
+    def callback_modules(self) -> dict[str, nn.Module]:
+        """Callbacks that are ``nn.Module`` s (they hold parameters), by attribute name."""
+        return {name: cb for name in CALLBACK_NAMES if isinstance(cb := getattr(self, name), nn.Module)}
 
     @property
     def input_names(self) -> frozenset[str]:
-        """Names of the batch entries routed to this encoder by :class:`MultimodalModel`: its ``forward``'s, and
-        those its preprocess callback declares it reads (a ``reads`` attribute, e.g. ``image_grid_thw``)."""
-        reads = frozenset(getattr(self.preprocess_callback, "reads", ()))
-        return (self._module_arguments | reads) - LM_ARGUMENTS
+        """Names of the batch entries routed to this encoder by :class:`MultimodalModel`: its ``forward``'s and
+        the ``input_names`` its callbacks declare."""
+        declared = frozenset().union(*(getattr(cb, "input_names", ()) for cb in self.callbacks()))
+        return (self._module_arguments | declared) - LM_ARGUMENTS
 
     @property
     def hidden_size(self) -> int:
@@ -167,6 +186,8 @@ class ModalEncoderModule(nn.Module):
         if self.preprocess_callback is not None:
             inputs = self.preprocess_callback(inputs)
         passed = {k: v for k, v in inputs.items() if k in self._module_arguments or k not in raw_keys}
+        for callback in self.callbacks():
+            passed = {**getattr(callback, "encoder_kwargs", {}), **passed}
         with torch.set_grad_enabled(self._needs_grad(passed)):
             if self._layers_path is None:
                 output = self.module(**passed)  # element 0: [n_items, n_tokens, hidden]

@@ -12,7 +12,7 @@ import numpy as np
 from transformers import AutoTokenizer, BatchFeature
 
 from ..feature_counts import FeatureCounter, flatten_counts
-from .import_paths import UNSERIALIZABLE, import_path, resolve
+from .import_paths import UNSERIALIZABLE, build_callback, callback_spec, import_path, resolve
 from .input_checks import check_distinct_token_ids
 from .placeholders import assign_items, count_placeholders, expand_placeholders
 
@@ -114,7 +114,7 @@ class MultimodalProcessor:
                 self._counter_specs[key] = {
                     "config_class": import_path(type(encoder.module.config)),
                     "config": encoder.module.config.to_dict(),
-                    "callbacks": [import_path(cb) for cb in callbacks if cb is not None],
+                    "callbacks": [callback_spec(cb) for cb in callbacks if cb is not None],
                 }
                 self.counters[key] = FeatureCounter(encoder.module.config, callbacks)
             elif key in self._counter_specs:
@@ -307,6 +307,56 @@ class MultimodalProcessor:
             raise ValueError(f"Sample {sample} has {len(row)} tokens, more than max_length={max_length}, and {why}.")
         return row[:max_length]
 
+    # ----------------------------------------------------------------------------------------------- native classes
+    @classmethod
+    def from_hf(cls, source: Any, model: Any = None) -> "MultimodalProcessor":
+        """A processor giving a transformers processor's ``input_ids`` and encoder inputs for the same text and
+        media: ``LlavaProcessor``, ``LlavaNextProcessor`` or ``Qwen2AudioProcessor`` (chat template kept).
+
+        Args:
+            source: the processor, or a directory (or hub id) it was saved to.
+            model: a :class:`MultimodalModel` to tell the token ids (e.g. ``MultimodalModel.from_hf`` 's).
+
+        Returns:
+            A processor with the native tokenizer (its chat template set to the processor's) and encoder processor,
+            counting features as the native processor does.
+
+        Raises:
+            ValueError: for another processor class.
+
+        >>> from PIL import Image
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+        >>> backend = Tokenizer(models.WordLevel({"<unk>": 0, "what?": 1, "<image>": 2}, unk_token="<unk>"))
+        >>> backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+        >>> images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+        >>> native = LlavaProcessor(images, tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        ...                         num_additional_image_tokens=1)  # 2x2 patches (+ CLS, dropped)
+        >>> processor = MultimodalProcessor.from_hf(native)
+        >>> processor({"vision": {"images": [Image.new("RGB", (8, 8))]}}, {"text": "<image> what?"})["input_ids"]
+        tensor([[2, 2, 2, 2, 1]])
+        >>> type(processor.to_hf()).__name__
+        'LlavaProcessor'
+        """
+        from ..hf import processor_from_hf
+
+        return processor_from_hf(source, model=model)
+
+    def to_hf(self) -> Any:
+        """The transformers processor giving the same ``input_ids`` and encoder inputs.
+
+        Returns:
+            A ``LlavaProcessor``, ``LlavaNextProcessor`` or ``Qwen2AudioProcessor`` sharing this processor's
+            tokenizer and encoder processor (example: :meth:`from_hf`).
+
+        Raises:
+            ValueError: naming what has no native equivalent (several encoder processors, a feature count).
+        """
+        from ..hf import processor_to_hf
+
+        return processor_to_hf(self)
+
     # ----------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the tokenizer, each encoder processor (in ``{key}/``) and ``cornstarch_processor.json``.
@@ -329,7 +379,7 @@ class MultimodalProcessor:
                 "processor_class": import_path(type(processor)),
                 "token": self.tokens[key],
                 "counter": self._counter_specs.get(key),
-                "count_function": import_path(counter) if counter is not None and key not in self._counter_specs else None,
+                "count_function": callback_spec(counter) if counter is not None and key not in self._counter_specs else None,
             }
         with open(os.path.join(save_directory, PROCESSOR_CONFIG), "w") as f:
             json.dump({"encoders": encoders}, f, indent=2)
@@ -363,7 +413,7 @@ class MultimodalProcessor:
             processors[key] = resolve(spec["processor_class"]).from_pretrained(os.path.join(path, key))
             saved_fn = spec.get("count_function")
             if key not in funcs and saved_fn and saved_fn != UNSERIALIZABLE:
-                funcs[key] = resolve(saved_fn)
+                funcs[key] = build_callback(saved_fn)
         specs = {k: s["counter"] for k, s in encoders.items() if s.get("counter")}
         return cls(
             processors, AutoTokenizer.from_pretrained(path), model=model, num_feature_calculation_funcs=funcs,
@@ -373,6 +423,6 @@ class MultimodalProcessor:
 
 def _counter_from_spec(spec: Mapping[str, Any]) -> FeatureCounter:
     config = resolve(spec["config_class"]).from_dict(spec["config"])
-    callbacks = [resolve(p) for p in spec.get("callbacks", []) if p != UNSERIALIZABLE]
+    callbacks = [build_callback(p) for p in spec.get("callbacks", []) if p != UNSERIALIZABLE]
     return FeatureCounter(config, callbacks)
 

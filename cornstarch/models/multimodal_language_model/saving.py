@@ -21,12 +21,11 @@ from transformers import GenerationConfig
 from transformers.initialization import no_init_weights
 
 from .configuration_multimodal_language_model import MultimodalModelConfig, MultimodalProjectorConfig
-from .encoder_module import ModalEncoderModule
-from .import_paths import UNSERIALIZABLE, import_path, resolve
+from .encoder_module import CALLBACK_NAMES, ModalEncoderModule
+from .import_paths import UNSERIALIZABLE, build_callback, callback_spec, import_path, resolve
 from .projector import MultimodalProjector
 
 WEIGHTS_NAME = "model.safetensors"
-CALLBACK_NAMES = ("preprocess_callback", "postprocess_module_callback", "postprocess_projector_callback")
 
 
 def _dtype_name(module: nn.Module) -> str | None:
@@ -91,15 +90,15 @@ def _encoder_kwargs(key: str, spec: Mapping[str, Any], given: dict[str, Any]) ->
     """ModalEncoderModule arguments for a saved encoder: the given ones, else the saved projector and callbacks."""
     kwargs = dict(given)
     kwargs.setdefault("feature_layer", spec.get("feature_layer"))
-    for name, path in spec.get("callbacks", {}).items():
+    for name, saved in spec.get("callbacks", {}).items():
         if name in kwargs:
             continue
-        if path == UNSERIALIZABLE:
+        if saved == UNSERIALIZABLE:
             raise ValueError(
                 f"The {key} encoder was saved with a {name} that is not an importable module-level function; pass "
                 f"it again: from_pretrained(..., encoders_kwargs={{{key!r}: {{{name!r}: fn}}}})."
             )
-        kwargs[name] = resolve(path)
+        kwargs[name] = build_callback(saved)  # a callback module's parameters load with the model's weights
     if "projector" not in kwargs:
         projector_config = MultimodalProjectorConfig.from_dict(spec["projector"])
         if spec.get("custom_projection"):
@@ -159,7 +158,7 @@ class SaveLoad:
                 "projector": projector.config.to_dict(),
                 "custom_projection": import_path(type(projector.projection)) if projector.is_custom else None,
                 "callbacks": {
-                    name: import_path(fn) for name in CALLBACK_NAMES if (fn := getattr(encoder, name)) is not None
+                    name: callback_spec(fn) for name in CALLBACK_NAMES if (fn := getattr(encoder, name)) is not None
                 },
                 "feature_layer": encoder.feature_layer,
             }
