@@ -113,16 +113,17 @@ def check_matches_single(ranks: list[dict], single_record: dict, out: Path | Non
 RESUME_STEP = 3  # mid-epoch (2 steps per epoch), after the transition
 
 
-def check_resume(config: dict, ranks: list[dict], tmp_path: Path) -> None:
+def check_resume(config: dict, ranks: list[dict], tmp_path: Path, resume_step: int = RESUME_STEP,
+                 steps: int = STEPS) -> None:
     """Resumed from the step-3 checkpoint (after the transition, mid-epoch), the run continues exactly: the same
-    batches on each rank, the same losses and parameters."""
-    ckpt = tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt"
+    batches on each rank, the same losses, parameters and optimizer state."""
+    ckpt = tmp_path / "a" / "ckpt" / f"step={resume_step}.ckpt"
     assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
     resumed = launch({**config, "out": str(tmp_path / "b"), "resume": str(ckpt)})
-    assert [s["step"] for s in resumed[0]["steps"]] == list(range(RESUME_STEP, STEPS))
+    assert [s["step"] for s in resumed[0]["steps"]] == list(range(resume_step, steps))
     before, after = states(tmp_path / "a"), states(tmp_path / "b")
     for r in (0, 1):
-        assert [s["step"] for s in after[r]] == list(range(RESUME_STEP, STEPS))
+        assert [s["step"] for s in after[r]] == list(range(resume_step, steps))
         for got in after[r]:  # the full model and optimizer state, bit-identical to the uninterrupted run's
             assert_states(got, before[r][got["step"]], f"rank {r} resumed")
         for got in resumed[r]["steps"]:
@@ -197,15 +198,18 @@ def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
     assert ranks[0]["steps"][-1]["sums"]["lora"] != ranks[0]["steps"][0]["sums"]["lora"]  # adapters trained
 
 
-def test_ddp_packed_rows_match_one_process(tmp_path):
+def test_ddp_packed_rows_match_one_process_and_resume(tmp_path):
     """pack=True under DDP: each rank packs its share of the rows a single process with twice the rows per batch
     packs (16 digits of ~33 tokens: 6 rows of 100 tokens, 3 global steps of 2 rows per epoch, no wrap-around),
-    with the same losses step for step."""
+    with the same losses step for step, identical ranks; resumed from step 2 (mid-epoch) it continues exactly."""
     config = {**COMMON, "steps": 4, "batch_size": 1, "text_only_step": None, "limit_val_batches": 0,
-              "data": {"pack": True, "max_length": 100}}
-    one = dr.run({**config, "batch_size": 2, "out": str(tmp_path / "single")})
-    ranks = launch({**config, "strategy": "ddp", "out": str(tmp_path / "a")})
+              "data": {"pack": True, "max_length": 100}, "strategy": "ddp", "checkpoint_every": 1}
+    one = dr.run({**config, "strategy": "auto", "checkpoint_every": None, "batch_size": 2,
+                  "out": str(tmp_path / "single")})
+    ranks = launch({**config, "out": str(tmp_path / "a")})
     assert [s["step"] for s in ranks[0]["steps"]] == list(range(4))
     for step, (r0, r1, ref) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one["steps"])):
         assert abs((r0["loss"] + r1["loss"]) / 2 - ref["loss"]) < 1e-5, (step, r0["loss"], r1["loss"], ref["loss"])
-        assert r0["sums"] == r1["sums"], step
+    for r0, r1 in zip(*states(tmp_path / "a")):
+        assert_states(r1, r0, "rank 1 vs rank 0")
+    check_resume(config, ranks, tmp_path, resume_step=2, steps=4)
