@@ -475,7 +475,17 @@ def test_cli_export_accepts_printed_fit_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _tiny_config(tmp_path)
     main(["export", "--config", str(config), "--output_dir", str(tmp_path / "exported")])
-    assert (tmp_path / "exported" / "config.json").exists()
+    from cornstarch.models.multimodal_language_model import MultimodalModel, MultimodalProcessor
+
+    # no checkpoint: the config's freshly built model (seed_everything: 0), weights and processor
+    L.seed_everything(0, verbose=False)
+    module = MultimodalLitModule(**_module_kwargs(config))
+    exported = MultimodalModel.from_pretrained(str(tmp_path / "exported"))
+    want = module.model.state_dict()
+    assert exported.state_dict().keys() == want.keys()
+    assert all(torch.equal(t, want[k]) for k, t in exported.state_dict().items())
+    processor = MultimodalProcessor.from_pretrained(str(tmp_path / "exported"))
+    assert processor.token_ids == module.processor.token_ids == exported.modality_token_ids
 
 
 def test_image_audio_experiment_parses_and_builds():
