@@ -213,3 +213,14 @@ def test_ddp_packed_rows_match_one_process_and_resume(tmp_path):
     for r0, r1 in zip(*states(tmp_path / "a")):
         assert_states(r1, r0, "rank 1 vs rank 0")
     check_resume(config, ranks, tmp_path, resume_step=2, steps=4)
+
+
+def test_ddp_grouped_batches_resume_exactly(tmp_path):
+    """group_by_length=True under DDP (16 digits, per-rank batch 4: 2 steps an epoch): identical ranks; resumed
+    from step 3 (mid-epoch 1) the run trains the same grouped batches with the same losses and state."""
+    config = {**COMMON, "steps": 4, "text_only_step": None, "limit_val_batches": 0,
+              "data": {"group_by_length": True}, "strategy": "ddp", "checkpoint_every": 1}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    for r0, r1 in zip(*states(tmp_path / "a")):
+        assert_states(r1, r0, "rank 1 vs rank 0")
+    check_resume(config, ranks, tmp_path, resume_step=3, steps=4)
