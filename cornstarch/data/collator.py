@@ -154,8 +154,20 @@ class MultimodalCollator:
             that cannot be read (:func:`~cornstarch.data.media.load_image`, :func:`~cornstarch.data.media.
             load_audio`), and over-long audio with ``on_long_audio="error"``.
 
-    >>> # collate = MultimodalCollator(processor, max_length=256)
-    >>> # batch = collate([{"prompt": "<image> Which digit?", "answer": "seven", "images": [img]}])
+    >>> from PIL import Image
+    >>> from transformers import CLIPImageProcessor
+    >>> from cornstarch.demo import demo_tokenizer
+    >>> from cornstarch.models.multimodal_language_model import MultimodalProcessor
+    >>> images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    >>> processor = MultimodalProcessor({"vision": images}, demo_tokenizer(), predefined_tokens={"vision": "<image>"},
+    ...                                 num_feature_calculation_funcs={"vision": lambda i, o: [4] * len(i["images"])})
+    >>> collate = MultimodalCollator(processor, max_length=256)
+    >>> batch = collate([{"prompt": "<image> Which digit?", "answer": "seven", "images": [Image.new("RGB", (8, 8))]}])
+    >>> int((batch["input_ids"] == processor.token_ids["vision"]).sum()), tuple(batch["pixel_values"].shape)
+    (4, (1, 3, 8, 8))
+    >>> labels = batch["labels"][0]
+    >>> processor.tokenizer.decode(labels[labels != -100])  # only what the template adds for the answer turn
+    ' seven</s>\\n'
     """
 
     processor: Any

@@ -58,7 +58,20 @@ class MultimodalDataModule(L.LightningDataModule):
             (first-fit decreasing, reshuffled every epoch) with ``position_ids`` restarting per sample: each
             sample attends only to itself (see :mod:`cornstarch.data.packing`). Needs ``max_length``.
 
-    >>> # dm = MultimodalDataModule(train=DatasetSpec("json", data_files="train.jsonl"), processor=proc)
+    A split is a :class:`DatasetSpec` (``DatasetSpec("json", data_files="train.jsonl")``, ``"imagefolder"``, a
+    ``"module:function"``) or an in-memory ``datasets.Dataset``:
+
+    >>> from transformers import CLIPImageProcessor
+    >>> from cornstarch.demo import demo_tokenizer, digits_vlm_dataset
+    >>> from cornstarch.models.multimodal_language_model import MultimodalProcessor
+    >>> count = {"vision": lambda inputs, outputs: [4] * len(outputs["pixel_values"])}  # features per image
+    >>> proc = MultimodalProcessor({"vision": CLIPImageProcessor(size={"shortest_edge": 8}, do_center_crop=False)},
+    ...                            demo_tokenizer(), num_feature_calculation_funcs=count,
+    ...                            predefined_tokens={"vision": "<image>"})
+    >>> dm = MultimodalDataModule(train=digits_vlm_dataset("train", image_size=8, n=6), processor=proc, batch_size=4)
+    >>> dm.setup("fit")
+    >>> [tuple(b["pixel_values"].shape) for b in dm.train_dataloader()]  # 6 digits: a batch of 4, then 2
+    [(4, 3, 8, 8), (2, 3, 8, 8)]
     """
 
     def __init__(

@@ -91,9 +91,16 @@ def truncate_after(model: nn.Module, feature_layer: int) -> str:
 class LayerOutput:
     """Context manager capturing a layer's output (element 0 if it returns a tuple) during one forward.
 
-    >>> # with LayerOutput(layer) as captured:
-    >>> #     encoder(**inputs)
-    >>> # captured.value  # [n_items, n_tokens, hidden]
+    >>> import transformers as tf
+    >>> clip = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                               num_attention_heads=4, image_size=32, patch_size=8))
+    >>> pixels = torch.randn(2, 3, 32, 32)
+    >>> with LayerOutput(layer_stack(clip)[1][0]) as captured:
+    ...     out = clip(pixel_values=pixels, output_hidden_states=True)
+    >>> captured.value.shape  # [n_items, n_tokens, hidden]
+    torch.Size([2, 17, 32])
+    >>> torch.equal(captured.value, out.hidden_states[1])  # the first layer's output
+    True
     """
 
     def __init__(self, layer: nn.Module):

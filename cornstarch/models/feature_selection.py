@@ -5,17 +5,36 @@ They are module-level functions, so a model using them saves and loads without e
 Llava's default (``vision_feature_layer=-2``, ``vision_feature_select_strategy="default"``), computing only the
 layers it needs (the encoder is truncated after layer -2):
 
+>>> import torch
+>>> import transformers as tf
 >>> from cornstarch.models.multimodal_language_model import ModalEncoderModule
->>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
+>>> def clip():  # a small CLIP tower standing in for a hub checkpoint, the same weights each call
+...     torch.manual_seed(0)
+...     return tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+...                                                   num_attention_heads=4, image_size=32, patch_size=8))
+>>> truncated = ModalEncoderModule(clip(), feature_layer=-2, postprocess_module_callback=without_cls,
+...                                projector=torch.nn.Identity())
+>>> truncated.module.config.num_hidden_layers  # layer 3 is never computed
+2
 
 The same features from the whole encoder (every layer computed; the reference page's way):
 
->>> # ModalEncoderModule(clip, preprocess_callback=request_hidden_states,
->>> #                    postprocess_module_callback=penultimate_layer_without_cls)
+>>> whole = ModalEncoderModule(clip(), preprocess_callback=request_hidden_states,
+...                            postprocess_module_callback=penultimate_layer_without_cls,
+...                            projector=torch.nn.Identity())
+>>> pixels = torch.randn(2, 3, 32, 32)
+>>> features = truncated(pixel_values=pixels)
+>>> features.shape  # 2 images x 16 patches (CLS dropped), hidden 32
+torch.Size([32, 32])
+>>> torch.allclose(features, whole(pixel_values=pixels), atol=1e-6)
+True
 
 Any layer (or several, concatenated) and either strategy, as Llava's config names them, keeping every layer:
 
->>> # ModalEncoderModule(clip, postprocess_module_callback=SelectFeatures(layer=-2, strategy="default"))
+>>> select = ModalEncoderModule(clip(), postprocess_module_callback=SelectFeatures(layer=-2, strategy="default"),
+...                             projector=torch.nn.Identity())
+>>> torch.allclose(select(pixel_values=pixels), features, atol=1e-6)
+True
 """
 
 from __future__ import annotations

@@ -9,10 +9,27 @@ import soundfile
 import torch
 from datasets import Dataset
 
+from PIL import Image
+
 from cornstarch.data import DatasetSpec, MultimodalDataModule
 from cornstarch.data.sources import load_split, media_dir
 from tests import tiny
 from tests.data.test_collator import make
+
+
+def items_from_files(batches: list[dict], key: str, expected: list[torch.Tensor]) -> list[int]:
+    """The file each batch item's tensor equals exactly (in batch order), failing if one matches no file."""
+    found = []
+    for batch in batches:
+        for item in batch[key]:
+            matches = [i for i, want in enumerate(expected) if torch.equal(item, want)]
+            assert len(matches) == 1, f"a {key} item equals {len(matches)} of the files"
+            found += matches
+    return found
+
+
+def supervised_text(batch: dict, tokenizer) -> list[str]:
+    return [tokenizer.decode(row[row != -100], skip_special_tokens=True).strip() for row in batch["labels"]]
 
 
 def test_json_with_image_and_audio_paths(tmp_path):
@@ -27,9 +44,19 @@ def test_json_with_image_and_audio_paths(tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     dm = MultimodalDataModule(train=DatasetSpec("json", data_files=str(tmp_path / "data.jsonl")), processor=proc,
                               batch_size=2, sampling_rate=tiny.AUDIO_RATE)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 2
-    assert torch.isfinite(mllm(**batch).loss)
+    batches = list(dm.train_dataloader())
+    assert [b["pixel_values"].shape[0] for b in batches] == [2, 2]
+    # the loaded pixels and features are those of the files, each file once, image i with clip i
+    image_processor, audio_processor = proc.encoder_processors["vision"], proc.encoder_processors["audio"]
+    pixels = [image_processor(Image.open(tmp_path / f"img{i}.png"), return_tensors="pt")["pixel_values"][0]
+              for i in range(4)]
+    features = [audio_processor(soundfile.read(tmp_path / f"clip{i}.wav", dtype="float32")[0],
+                                sampling_rate=tiny.AUDIO_RATE, return_tensors="pt")["input_features"][0]
+                for i in range(4)]
+    images = items_from_files(batches, "pixel_values", pixels)
+    assert sorted(images) == [0, 1, 2, 3]
+    assert items_from_files(batches, "input_features", features) == images
+    assert torch.isfinite(mllm(**batches[0]).loss)
 
 
 def test_imagefolder_with_metadata(tmp_path):
@@ -41,8 +68,13 @@ def test_imagefolder_with_metadata(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
     dm = MultimodalDataModule(train=DatasetSpec("imagefolder", data_dir=str(tmp_path)), processor=proc, batch_size=4,
                               num_workers=2)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape[0] == 4
+    (batch,) = list(dm.train_dataloader())
+    pixels = [proc.encoder_processors["vision"](Image.open(tmp_path / f"{i}.png"), return_tensors="pt")["pixel_values"][0]
+              for i in range(4)]
+    images = items_from_files([batch], "pixel_values", pixels)
+    assert sorted(images) == [0, 1, 2, 3]
+    # each image's sample carries its own metadata row's answer
+    assert supervised_text(batch, proc.tokenizer) == [tiny.WORDS[20 + i] for i in images]
     assert torch.isfinite(mllm(**batch).loss)
 
 

@@ -7,7 +7,9 @@ processes (Lightning's launcher starts the second process by re-running this scr
 
 Each rank writes ``{out}/rank{r}.json``: per step the loss this rank returned, the stage, whether every frozen
 parameter's gradient is ``None`` after backward, per-component parameter sums after the step (full parameters,
-gathered under FSDP2), and at the end the logits of a fixed batch (``{out}/logits.pt``, rank 0).
+gathered under FSDP2), and at the end the logits of a fixed batch (``{out}/logits.pt``, rank 0). With
+``record_state`` each rank also writes ``{out}/state{r}.pt``: per step, the full model ``state_dict`` and the full
+optimizer state (every moment, by parameter name, with each group's learning rate), gathered under FSDP2.
 """
 
 from __future__ import annotations
@@ -76,9 +78,27 @@ def make_dataset(n: int, text_only: list[int]):
     return Dataset.from_list(rows, features=digits_vlm_dataset("train", image_size=8, n=1).features)
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathered from its shards under FSDP2), detached, on the CPU."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
+def full_state(pl_module, optimizer) -> dict:
+    """The full model ``state_dict`` and optimizer state (by parameter name) after a step."""
+    names = {id(p): n for n, p in pl_module.model.named_parameters()}
+    optim = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = {k: full(v) if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+            optim[names[id(p)]] = {**entry, "lr": group["lr"], "group": group["name"]}
+    return {"model": {k: full(v) for k, v in pl_module.model.state_dict().items()}, "optimizer": optim}
+
+
 class Recorder(Callback):
-    def __init__(self):
+    def __init__(self, record_state: bool = False):
         self.steps: list[dict] = []
+        self.record_state = record_state
+        self.states: list[dict] = []
 
     def on_after_backward(self, trainer, pl_module):
         frozen = [p for p in pl_module.model.parameters() if not p.requires_grad]
@@ -101,6 +121,8 @@ class Recorder(Callback):
         self.steps[-1].update(loss=float(outputs["loss"].detach()), sums=sums, moments=moments,
                               has_image="pixel_values" in batch, data=int(batch["input_ids"].sum()),
                               epoch=trainer.current_epoch)
+        if self.record_state:
+            self.states.append({"step": self.steps[-1]["step"], **full_state(pl_module, optimizer)})
 
 
 def rank1_rows(step: int, per_rank_batch: int, n: int, ranks: int = 2) -> list[int]:
@@ -117,8 +139,7 @@ def run(config: dict) -> dict:
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
     ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``,
-    ``loss_chunk_size``, ``data`` (more
-    ``MultimodalDataModule`` arguments, e.g. packing).
+    ``loss_chunk_size``, ``record_state``, ``data`` (more ``MultimodalDataModule`` arguments, e.g. packing).
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
@@ -131,7 +152,7 @@ def run(config: dict) -> dict:
     data = MultimodalDataModule(train=make_dataset(n_train, text_only),
                                 val=digits_vlm_dataset("validation", image_size=8, n=8),
                                 batch_size=config["batch_size"], eval_batch_size=4, **config.get("data", {}))
-    recorder = Recorder()
+    recorder = Recorder(record_state=config.get("record_state", False))
     callbacks = [recorder]
     out = Path(config["out"])
     if config.get("checkpoint_every"):  # saved after the step's batch (at an epoch's last batch: exact resume)
@@ -154,6 +175,8 @@ def run(config: dict) -> dict:
     if trainer.global_rank == 0:
         torch.save({"logits": logits, "inputs": inputs}, out / "logits.pt")
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if recorder.record_state:
+        torch.save(recorder.states, out / f"state{trainer.global_rank}.pt")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()  # avoids gloo's abort at exit

@@ -63,11 +63,11 @@ def make_module(**kwargs) -> MultimodalLitModule:
     return MultimodalLitModule(**defaults)
 
 
-def make_data(n_train: int = 64, n_val: int = 32) -> MultimodalDataModule:
+def make_data(n_train: int = 64, n_val: int = 32, **kwargs) -> MultimodalDataModule:
     return MultimodalDataModule(
         train=DatasetSpec(DATASET, split="train", kwargs={"image_size": 8, "n": n_train}),
         val=DatasetSpec(DATASET, split="validation", kwargs={"image_size": 8, "n": n_val}),
-        batch_size=8,
+        **{"batch_size": 8, **kwargs},
     )
 
 
@@ -157,10 +157,12 @@ def test_freeze_schedule_per_stage(tmp_path):
 class LossRecorder(Callback):
     def __init__(self):
         self.records: dict[int, torch.Tensor] = {}  # the loss of each step
+        self.batches: dict[int, int] = {}  # a checksum of each step's batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # global_step has already been incremented by the optimizer step
         self.records[trainer.global_step - 1] = outputs["loss"].detach().clone()
+        self.batches[trainer.global_step - 1] = int(batch["input_ids"].sum())
 
 
 class BatchRecorder(Callback):
@@ -174,7 +176,7 @@ class BatchRecorder(Callback):
 
 
 def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None, schedule=SCHEDULE, n_train=64,
-         optimizer=None, recorder=None, **trainer_kwargs):
+         optimizer=None, recorder=None, data=None, **trainer_kwargs):
     L.seed_everything(0, verbose=False)
     module = make_module(freeze_schedule=schedule, **({"optimizer": optimizer} if optimizer else {}))
     recorder = recorder or LossRecorder()
@@ -188,12 +190,16 @@ def _run(tmp_path, max_steps, ckpt_path=None, checkpoint=None, weights_only=None
     elif checkpoint == "val":  # after each validation, as the experiments' ModelCheckpoint does
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1))
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module, datamodule=make_data(n_train=n_train), ckpt_path=ckpt_path, weights_only=weights_only)
+    trainer.fit(module, datamodule=make_data(n_train=n_train, **(data or {})), ckpt_path=ckpt_path,
+                weights_only=weights_only)
+    module.recorder = recorder
     return recorder.records, module, trainer
 
 
 def _check_resume(tmp_path, resume_step, steps, **kwargs):
-    a_losses, a_module, _ = _run(tmp_path / "a", steps, **kwargs)
+    """Run ``steps`` steps with checkpoints, resume a second run from ``resume_step``: the same losses bit for bit,
+    and the same parameters and optimizer state at the end."""
+    a_losses, a_module, a_trainer = _run(tmp_path / "a", steps, **kwargs)
     assert sorted(a_losses) == list(range(steps))
     ckpt = tmp_path / "a" / "ckpt" / f"step={resume_step}.ckpt"
     assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
@@ -203,11 +209,35 @@ def _check_resume(tmp_path, resume_step, steps, **kwargs):
     b_losses, b_module, b_trainer = _run(tmp_path / "b", steps, ckpt_path=str(ckpt), weights_only=False, **kwargs)
     assert sorted(b_losses) == list(range(resume_step, steps))
     for step in range(resume_step, steps):
+        assert b_module.recorder.batches[step] == a_module.recorder.batches[step], step  # the same batch
         assert torch.equal(b_losses[step], a_losses[step]), (step, b_losses[step].item(), a_losses[step].item())
     assert b_module.stage_index == 1
     for (name, pa), (_, pb) in zip(a_module.state_dict().items(), b_module.state_dict().items()):
         assert torch.equal(pa, pb), name
+    assert_same_optimizer_state(a_trainer.optimizers[0], b_trainer.optimizers[0])
     assert b_trainer.global_step == steps
+
+
+def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    """Identical param groups (names, learning rates) and per-parameter state (moments, step), bit for bit."""
+    assert [(g["name"], g["lr"], len(g["params"])) for g in a.param_groups] == \
+        [(g["name"], g["lr"], len(g["params"])) for g in b.param_groups]
+    for ga, gb in zip(a.param_groups, b.param_groups):
+        for pa, pb in zip(ga["params"], gb["params"]):
+            sa, sb = a.state.get(pa, {}), b.state.get(pb, {})
+            assert sa.keys() == sb.keys(), ga["name"]
+            for key in sa:
+                assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), (ga["name"], key)
+
+
+@pytest.mark.parametrize("data", [{"group_by_length": True}, {"pack": True, "max_length": 100, "batch_size": 2}],
+                         ids=["grouped", "packed"])
+def test_resume_is_exact_with_grouped_or_packed_batches(tmp_path, data):
+    """Through Lightning, mid-epoch: length-grouped batches (64 digits, 8 steps an epoch) and packed rows (2 rows of
+    100 tokens a step, about 11 steps an epoch): the resumed run trains the same batches, with the same losses,
+    parameters and optimizer state."""
+    _check_resume(tmp_path, resume_step=TRANSITION, steps=TRANSITION + 3, checkpoint="step", optimizer=COSINE,
+                  data=data)
 
 
 COSINE = OptimizerConfig(lr=1e-3, lr_groups={"language_model": LM_LR}, warmup_steps=2, schedule="cosine")
@@ -359,6 +389,45 @@ def test_cli_print_config_fit_and_export(tmp_path, monkeypatch):
     assert processor.token_ids == module.processor.token_ids
 
 
+def test_cli_resume_with_ckpt_path_last(tmp_path, monkeypatch):
+    """``cornstarch fit --ckpt_path last`` after a 2-step run continues to step 4 exactly as an uninterrupted
+    4-step run: the same parameters and optimizer state at step 4, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--trainer.max_epochs", "3", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+             "--data.train.kwargs.n", "16", "--data.val.kwargs.n", "8", "--data.batch_size", "8",
+             "--data.eval_batch_size", "8"]  # 2 steps an epoch, validation (and last.ckpt) at each epoch's end
+
+    def fit(run: str, steps: int, *extra: str, saves: str = "steps") -> Path:
+        (tmp_path / run).mkdir(exist_ok=True)
+        config = _tiny_config(tmp_path / run)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+            "dirpath": str(tmp_path / run / saves), "filename": "{step}", "every_n_train_steps": 1,
+            "save_top_k": -1}})
+        config.write_text(yaml.safe_dump(cfg))
+        main(["fit", "--config", str(config), *small, "--trainer.max_steps", str(steps), *extra])
+        return tmp_path / run
+
+    whole = fit("a", 4)
+    part = fit("b", 2)
+    last = part / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    fit("b", 4, "--ckpt_path", "last", saves="resumed")
+    assert sorted(p.name for p in (part / "resumed").iterdir()) == ["step=3.ckpt", "step=4.ckpt"]  # not from 0
+    want = torch.load(whole / "steps" / "step=4.ckpt", map_location="cpu", weights_only=False)
+    got = torch.load(part / "resumed" / "step=4.ckpt", map_location="cpu", weights_only=False)
+    assert got["global_step"] == want["global_step"] == 4
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    (opt_got,), (opt_want,) = got["optimizer_states"], want["optimizer_states"]
+    assert opt_got["state"].keys() == opt_want["state"].keys() and opt_want["state"]
+    for index, state in opt_want["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(opt_got["state"][index][key]), torch.as_tensor(value)), (index, key)
+    assert [g["lr"] for g in opt_got["param_groups"]] == [g["lr"] for g in opt_want["param_groups"]]
+
+
 def _module_kwargs(config_path: Path) -> dict:
     """MultimodalLitModule arguments from a printed config (dataclass specs rebuilt from plain dicts)."""
     cfg = yaml.safe_load(config_path.read_text())["model"]
@@ -406,7 +475,17 @@ def test_cli_export_accepts_printed_fit_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _tiny_config(tmp_path)
     main(["export", "--config", str(config), "--output_dir", str(tmp_path / "exported")])
-    assert (tmp_path / "exported" / "config.json").exists()
+    from cornstarch.models.multimodal_language_model import MultimodalModel, MultimodalProcessor
+
+    # no checkpoint: the config's freshly built model (seed_everything: 0), weights and processor
+    L.seed_everything(0, verbose=False)
+    module = MultimodalLitModule(**_module_kwargs(config))
+    exported = MultimodalModel.from_pretrained(str(tmp_path / "exported"))
+    want = module.model.state_dict()
+    assert exported.state_dict().keys() == want.keys()
+    assert all(torch.equal(t, want[k]) for k, t in exported.state_dict().items())
+    processor = MultimodalProcessor.from_pretrained(str(tmp_path / "exported"))
+    assert processor.token_ids == module.processor.token_ids == exported.modality_token_ids
 
 
 def test_image_audio_experiment_parses_and_builds():

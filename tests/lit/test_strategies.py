@@ -22,7 +22,7 @@ from tests.lit import distributed_run as dr
 SCRIPT = Path(dr.__file__)
 STEPS, BATCH, TEXT_ONLY_STEP = 6, 4, 1
 COMMON = {"batch_size": BATCH, "steps": STEPS, "text_only_step": TEXT_ONLY_STEP, "text_only_batch": BATCH,
-          "limit_val_batches": 1}
+          "limit_val_batches": 1, "record_state": True}
 TIMEOUT = 300
 
 
@@ -46,8 +46,53 @@ def single(tmp_path_factory):
     return record, out
 
 
-def check_matches_single(ranks: list[dict], single_record: dict) -> None:
+def states(out: Path, ranks=(0, 1)) -> list[list[dict]]:
+    """Per rank, per step: the full model state_dict and optimizer state (see ``distributed_run.full_state``)."""
+    return [torch.load(Path(out) / f"state{r}.pt", weights_only=False) for r in ranks]
+
+
+def assert_states(got: dict, want: dict, what: str, atol: float = 0.0) -> None:
+    """Every model tensor and every optimizer entry (moments, step, learning rate, group) equal (``atol`` 0:
+    bit-identical)."""
+    assert got["step"] == want["step"], what
+    assert got["model"].keys() == want["model"].keys(), what
+    assert got["optimizer"].keys() == want["optimizer"].keys(), what
+    pairs = [(f"model {k}", v, want["model"][k]) for k, v in got["model"].items()]
+    for name, entry in got["optimizer"].items():
+        other = want["optimizer"][name]
+        if atol and entry.keys() != other.keys():  # FSDP2 steps unused parameters with zero gradients
+            assert {k for k in entry if k not in other} <= {"step", "exp_avg", "exp_avg_sq"}, (what, name)
+            assert not any(entry[k].any() for k in ("exp_avg", "exp_avg_sq") if k in entry and k not in other), \
+                (what, name)
+            entry = {k: v for k, v in entry.items() if k in other}
+        pairs += [(f"optimizer {name}.{k}", v, other[k]) for k, v in entry.items()]
+    assert {k for e in got["optimizer"].values() for k in e} >= {"exp_avg", "exp_avg_sq", "step", "lr"}, what
+    for key, mine, theirs in pairs:
+        msg = f"{what}, step {got['step']}: {key}"
+        if not torch.is_tensor(mine):
+            assert mine == theirs, msg
+        elif atol == 0:
+            assert torch.equal(mine, theirs), msg
+        else:
+            torch.testing.assert_close(mine, theirs, atol=atol, rtol=0, msg=msg)
+
+
+# elementwise tolerance of a parameter or moment against the single process (the global batch is reduced in a
+# different order; observed differences are below 1e-6)
+SINGLE_ATOL = 1e-5
+
+
+def check_matches_single(ranks: list[dict], single_record: dict, out: Path | None = None,
+                         single_out: Path | None = None) -> None:
+    """Losses, stages and frozen gradients per step against one process; with ``out``, every rank's full model and
+    optimizer state equal the other rank's exactly and the single process's within ``SINGLE_ATOL``."""
     ref = single_record["steps"]
+    if out is not None:
+        per_rank, (one,) = states(out), states(single_out, ranks=(0,))
+        assert [s["step"] for s in per_rank[0]] == [s["step"] for s in one] == list(range(STEPS))
+        for r0, r1, ref_state in zip(*per_rank, one):
+            assert_states(r1, r0, "rank 1 vs rank 0")
+            assert_states(r0, ref_state, "rank 0 vs one process", atol=SINGLE_ATOL)
     assert [s["step"] for s in ranks[0]["steps"]] == list(range(STEPS))
     for step, (r0, r1, one) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], ref)):
         # the mean of the ranks' returned losses is the global token-mean loss
@@ -68,14 +113,19 @@ def check_matches_single(ranks: list[dict], single_record: dict) -> None:
 RESUME_STEP = 3  # mid-epoch (2 steps per epoch), after the transition
 
 
-def check_resume(config: dict, ranks: list[dict], tmp_path: Path) -> None:
+def check_resume(config: dict, ranks: list[dict], tmp_path: Path, resume_step: int = RESUME_STEP,
+                 steps: int = STEPS) -> None:
     """Resumed from the step-3 checkpoint (after the transition, mid-epoch), the run continues exactly: the same
-    batches on each rank, the same losses and parameters."""
-    ckpt = tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt"
+    batches on each rank, the same losses, parameters and optimizer state."""
+    ckpt = tmp_path / "a" / "ckpt" / f"step={resume_step}.ckpt"
     assert ckpt.exists(), sorted(os.listdir(tmp_path / "a" / "ckpt"))
     resumed = launch({**config, "out": str(tmp_path / "b"), "resume": str(ckpt)})
-    assert [s["step"] for s in resumed[0]["steps"]] == list(range(RESUME_STEP, STEPS))
+    assert [s["step"] for s in resumed[0]["steps"]] == list(range(resume_step, steps))
+    before, after = states(tmp_path / "a"), states(tmp_path / "b")
     for r in (0, 1):
+        assert [s["step"] for s in after[r]] == list(range(resume_step, steps))
+        for got in after[r]:  # the full model and optimizer state, bit-identical to the uninterrupted run's
+            assert_states(got, before[r][got["step"]], f"rank {r} resumed")
         for got in resumed[r]["steps"]:
             want = ranks[r]["steps"][got["step"]]
             assert got["data"] == want["data"], (r, got["step"])  # the same batch on this rank
@@ -103,7 +153,7 @@ def test_ddp_two_processes_match_one_resume_and_export(tmp_path, single):
     config = {**COMMON, "strategy": "ddp", "checkpoint_every": 1}
     ranks = launch({**config, "out": str(tmp_path / "a")})
     assert ranks[0]["strategy"] == "DDPStrategy" and ranks[0]["world_size"] == 2
-    check_matches_single(ranks, single[0])
+    check_matches_single(ranks, single[0], tmp_path / "a", single[1])
     assert (tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt").is_file()  # one file
     check_resume(config, ranks, tmp_path)
     check_export(tmp_path, single[1])
@@ -116,7 +166,7 @@ def test_fsdp2_two_processes_match_one_resume_and_export(tmp_path, single):
     config = {**COMMON, "strategy": "fsdp2", "gradient_checkpointing": True, "checkpoint_every": 1}
     ranks = launch({**config, "out": str(tmp_path / "a")})
     assert ranks[0]["strategy"] == "FSDP2Strategy"
-    check_matches_single(ranks, single[0])
+    check_matches_single(ranks, single[0], tmp_path / "a", single[1])
     assert (tmp_path / "a" / "ckpt" / f"step={RESUME_STEP}.ckpt").is_dir()  # one shard per rank
     check_resume(config, ranks, tmp_path)
     check_export(tmp_path, single[1])
@@ -148,15 +198,29 @@ def test_fsdp2_lora_adapters_in_their_own_units(tmp_path):
     assert ranks[0]["steps"][-1]["sums"]["lora"] != ranks[0]["steps"][0]["sums"]["lora"]  # adapters trained
 
 
-def test_ddp_packed_rows_match_one_process(tmp_path):
+def test_ddp_packed_rows_match_one_process_and_resume(tmp_path):
     """pack=True under DDP: each rank packs its share of the rows a single process with twice the rows per batch
     packs (16 digits of ~33 tokens: 6 rows of 100 tokens, 3 global steps of 2 rows per epoch, no wrap-around),
-    with the same losses step for step."""
+    with the same losses step for step, identical ranks; resumed from step 2 (mid-epoch) it continues exactly."""
     config = {**COMMON, "steps": 4, "batch_size": 1, "text_only_step": None, "limit_val_batches": 0,
-              "data": {"pack": True, "max_length": 100}}
-    one = dr.run({**config, "batch_size": 2, "out": str(tmp_path / "single")})
-    ranks = launch({**config, "strategy": "ddp", "out": str(tmp_path / "a")})
+              "data": {"pack": True, "max_length": 100}, "strategy": "ddp", "checkpoint_every": 1}
+    one = dr.run({**config, "strategy": "auto", "checkpoint_every": None, "batch_size": 2,
+                  "out": str(tmp_path / "single")})
+    ranks = launch({**config, "out": str(tmp_path / "a")})
     assert [s["step"] for s in ranks[0]["steps"]] == list(range(4))
     for step, (r0, r1, ref) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"], one["steps"])):
         assert abs((r0["loss"] + r1["loss"]) / 2 - ref["loss"]) < 1e-5, (step, r0["loss"], r1["loss"], ref["loss"])
-        assert r0["sums"] == r1["sums"], step
+    for r0, r1 in zip(*states(tmp_path / "a")):
+        assert_states(r1, r0, "rank 1 vs rank 0")
+    check_resume(config, ranks, tmp_path, resume_step=2, steps=4)
+
+
+def test_ddp_grouped_batches_resume_exactly(tmp_path):
+    """group_by_length=True under DDP (16 digits, per-rank batch 4: 2 steps an epoch): identical ranks; resumed
+    from step 3 (mid-epoch 1) the run trains the same grouped batches with the same losses and state."""
+    config = {**COMMON, "steps": 4, "text_only_step": None, "limit_val_batches": 0,
+              "data": {"group_by_length": True}, "strategy": "ddp", "checkpoint_every": 1}
+    ranks = launch({**config, "out": str(tmp_path / "a")})
+    for r0, r1 in zip(*states(tmp_path / "a")):
+        assert_states(r1, r0, "rank 1 vs rank 0")
+    check_resume(config, ranks, tmp_path, resume_step=3, steps=4)

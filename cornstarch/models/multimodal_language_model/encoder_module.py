@@ -99,8 +99,15 @@ class ModalEncoderModule(nn.Module):
         ValueError: if no encoder module is given, ``model`` and ``module`` disagree, or ``feature_layer`` does
             not fit the encoder.
 
-    >>> # Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
-    >>> # ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
+    Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
+
+    >>> import transformers as tf
+    >>> from cornstarch.models.feature_selection import without_cls
+    >>> clip = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...                                               num_attention_heads=4, image_size=32, patch_size=8))
+    >>> encoder = ModalEncoderModule(clip, feature_layer=-2, postprocess_module_callback=without_cls)
+    >>> encoder.module.config.num_hidden_layers, encoder.hidden_size
+    (2, 32)
     """
 
     def __init__(

@@ -51,16 +51,26 @@ def check_counts(masks: dict[str, torch.Tensor], features: dict[str, torch.Tenso
     expected_list = [features[k].shape[0] if k in features else 0 for k in keys]
     if torch.compiler.is_compiling():
         return
-    expected = torch.tensor(expected_list, device=found.device)
-    if found.device.type == "cpu":
+    if on_host(found):
+        expected = torch.tensor(expected_list)
         if not torch.equal(found, expected):
             bad = int((found != expected).int().argmax())
             raise ValueError(_counts_error(keys[bad], int(found[bad]), expected_list[bad]))
-    else:
+    else:  # compared with Python ints: no host-to-device copy of the expected counts (a blocking one would sync)
+        matches = torch.stack([found[i] == n for i, n in enumerate(expected_list)])
         torch._assert_async(
-            (found == expected).all(),
+            matches.all(),
             f"Modality token/feature count mismatch among {keys}; expected features per modality {expected_list}.",
         )
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values costs no device synchronisation (it lives in host memory).
+
+    >>> on_host(torch.zeros(2))
+    True
+    """
+    return tensor.device.type == "cpu"
 
 
 def merge_embeddings(

@@ -52,6 +52,48 @@ def test_same_input_ids_as_llava_processor(pad_side):
     assert int((out["input_ids"] == ours.token_ids["vision"]).sum()) == 3 * 16
 
 
+# Placeholders where expanding by token id and expanding by text could tokenize differently with a byte-level BPE:
+# at the start, glued to words on both sides, twice in a row, after a newline, before a space and punctuation.
+BPE_CONVERSATIONS = [
+    [{"role": "user", "content": "<image> what is this?"}, {"role": "assistant", "content": "seven"}],
+    [{"role": "user", "content": "is this an<image>seven or a<image><image>nine"}],
+    [{"role": "system", "content": "look:\n<image>"}, {"role": "user", "content": "which digit ,<image> ?"},
+     {"role": "assistant", "content": "the digit 7"}],
+]
+
+
+@pytest.mark.parametrize("pad_side", ["right", "left"])
+def test_same_input_ids_as_llava_processor_with_bpe_chat_template(pad_side):
+    """The demo's byte-level BPE tokenizer and its chat template: the same ids as LlavaProcessor (which expands
+    the placeholder in the text before tokenizing), wherever the placeholder sits."""
+    from cornstarch.demo import demo_tokenizer
+
+    tok = demo_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert "\u0120" in "".join(tok.convert_ids_to_tokens(tok("a b").input_ids))  # byte-level (Ġ = a space)
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=c[-1]["role"] == "user")
+               for c in BPE_CONVERSATIONS]
+    n_images = sum(p.count("<image>") for p in prompts)
+    image_processor = tiny.image_processor("clip")
+    llava = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=tiny.PATCH,
+                              vision_feature_select_strategy="default", image_token="<image>",
+                              num_additional_image_tokens=1)
+    mllm = vision_model("clip", preprocess_callback=request_hidden_states,
+                        postprocess_module_callback=penultimate_layer_without_cls)
+    ours = MultimodalProcessor({"vision": image_processor}, tok, model=mllm, predefined_tokens={"vision": "<image>"})
+    images = tiny.pil_images(n_images)
+    tok.padding_side = pad_side
+    ref = llava(images=images, text=prompts, padding=True, return_tensors="pt")
+    out = ours({"vision": {"images": images}}, {"text": prompts, "padding_side": pad_side})
+    assert torch.equal(out["input_ids"], ref["input_ids"])
+    assert torch.equal(out["attention_mask"], ref["attention_mask"])
+    assert int((out["input_ids"] == ours.token_ids["vision"]).sum()) == n_images * 16
+    # the text around each placeholder decodes back to the prompt (nothing merged across a placeholder)
+    row = out["input_ids"][1][out["attention_mask"][1] == 1]
+    text = tok.decode(row[row != ours.token_ids["vision"]])
+    assert text == prompts[1].replace("<image>", "")
+
+
 MIXED = ["USER: hello ASSISTANT: zero", "USER: <image> what is this", "USER: <image> <image> and <image> ?"]
 
 
