@@ -106,5 +106,5 @@ def test_from_hf_is_instead_of_the_parts(tmp_path):
         MultimodalLitModule(from_hf=str(tmp_path), tokenizer="cornstarch.data.demo:build_tokenizer")
     with pytest.raises(ValueError, match=r"Give \['encoders', 'language_model'\] \(or from_hf"):
         MultimodalLitModule(tokenizer="cornstarch.data.demo:build_tokenizer")
-    with pytest.raises(FileNotFoundError, match=r"from_hf: pretrained path '/nonexistent/llava' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"from_hf: path '/nonexistent/llava' does not exist"):
         MultimodalLitModule(from_hf="/nonexistent/llava")
