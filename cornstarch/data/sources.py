@@ -10,6 +10,7 @@ from typing import Any
 from datasets import Dataset, load_dataset
 
 from ..models.multimodal_language_model.import_paths import resolve
+from .formats import SOURCE_PLACEHOLDER, RowReader, convert
 
 
 @dataclass
@@ -26,6 +27,16 @@ class DatasetSpec:
         name: the dataset configuration name, if any.
         limit: keep only the first ``limit`` samples.
         kwargs: extra keyword arguments for ``load_dataset`` or the function.
+        format: the rows' conversation format, read into cornstarch samples by :mod:`~cornstarch.data.formats`:
+            ``"llava"`` (LLaVA-Instruct: ``conversations`` of ``from``/``value`` turns, ``image``/``images``),
+            ``"sharegpt"`` (the same reader) or ``"messages"`` (OpenAI-style typed content parts); ``None``: rows
+            are cornstarch samples already (``messages`` or ``prompt``/``answer``, ``images``, ``audios``).
+        image_root: directory that a format's relative image paths are relative to (default: the data files'
+            directory); images must lie inside it.
+        on_bad_row: with a ``format``, ``"error"`` (a bad row raises, naming the row and field) or ``"skip"``
+            (bad rows are dropped and counted in the log).
+        streaming: read the split as a stream (``load_dataset(..., streaming=True)``, or the shards of
+            ``path: shards``), for the train split: see :mod:`~cornstarch.data.streaming`.
 
     >>> DatasetSpec("imagefolder", data_dir="digits").base_dir
     'digits'
@@ -38,15 +49,28 @@ class DatasetSpec:
     name: str | None = None
     limit: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    format: str | None = None
+    image_root: str | None = None
+    on_bad_row: str = "error"
+    streaming: bool = False
 
-    def load(self) -> Dataset:
-        """Load the split (offline sources need no network)."""
+    def load(self, placeholder: str | None = None) -> Dataset:
+        """Load the split (offline sources need no network), its rows read from ``format`` into samples whose
+        images are marked with ``placeholder`` (the model's image token; default ``<image>``)."""
         if ":" in self.path and not os.path.exists(self.path):
             dataset = resolve(self.path)(split=self.split, **self.kwargs)
         else:
             dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, **self.kwargs)
-        return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
+                                   split=self.split, streaming=self.streaming, **self.kwargs)
+        if self.limit is not None:
+            dataset = dataset.take(self.limit) if self.streaming else dataset.select(range(min(self.limit,
+                                                                                               len(dataset))))
+        return convert(dataset, self.reader(placeholder), self.split) if self.format else dataset
+
+    def reader(self, placeholder: str | None = None) -> RowReader:
+        """The :class:`~cornstarch.data.formats.RowReader` of this spec's ``format``."""
+        return RowReader(self.format or "", placeholder or SOURCE_PLACEHOLDER, self.image_root or self.base_dir,
+                         on_bad_row=self.on_bad_row)
 
     @property
     def base_dir(self) -> str | None:
@@ -59,13 +83,14 @@ class DatasetSpec:
         return os.path.dirname(os.path.abspath(files)) if isinstance(files, str) else self.data_dir
 
 
-def load_split(source: DatasetSpec | Dataset) -> Dataset:
-    """A split's samples: loaded from a :class:`DatasetSpec`, or an in-memory ``datasets.Dataset`` as it is.
+def load_split(source: DatasetSpec | Dataset, placeholder: str | None = None) -> Dataset:
+    """A split's samples: loaded from a :class:`DatasetSpec` (``placeholder``: the model's image token, for a
+    spec's ``format``), or an in-memory ``datasets.Dataset`` as it is.
 
     >>> len(load_split(Dataset.from_dict({"prompt": ["a", "b"], "answer": ["c", "d"]})))
     2
     """
-    return source.load() if isinstance(source, DatasetSpec) else source
+    return source.load(placeholder) if isinstance(source, DatasetSpec) else source
 
 
 def media_dir(source: DatasetSpec | Dataset) -> str | None:
