@@ -17,13 +17,14 @@ import numpy as np
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from .collator import MultimodalCollator, too_long
+from .collator import MultimodalCollator, default_fields, too_long
 from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .raw import IndexedDataset, sample_lengths
 from .resume import ResumableLoader
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 from .sources import DatasetSpec, load_split, media_dir
+from .streaming import StreamingBatches, StreamingLoader, is_streamed, open_stream
 
 __all__ = ["DatasetSpec", "MultimodalDataModule"]
 
@@ -55,6 +56,8 @@ class MultimodalDataModule(L.LightningDataModule):
         pack: train batches are ``batch_size`` rows of ``max_length`` tokens, each holding several whole samples
             (first-fit decreasing, reshuffled every epoch) with ``position_ids`` restarting per sample: each
             sample attends only to itself (see :mod:`cornstarch.data.packing`). Needs ``max_length``.
+        shuffle_buffer: samples in the shuffle buffer of a streamed train split (a spec with ``streaming: true`` or
+            ``path: shards``; see :mod:`cornstarch.data.streaming`); ``0`` reads it in order.
 
     >>> # dm = MultimodalDataModule(train=DatasetSpec("json", data_files="train.jsonl"), processor=proc)
     """
@@ -79,6 +82,7 @@ class MultimodalDataModule(L.LightningDataModule):
         eval_prompts: bool = True,
         preprocess: bool = True,
         pack: bool = False,
+        shuffle_buffer: int = 1000,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -93,10 +97,12 @@ class MultimodalDataModule(L.LightningDataModule):
         self.eval_prompts = eval_prompts
         self.preprocess = preprocess
         self.pack = pack
+        self.shuffle_buffer = shuffle_buffer
         if pack and (not max_length or group_by_length):
             raise ValueError("pack=True needs max_length (the tokens per packed row) and excludes group_by_length.")
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
         self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
+        self.streams: dict[str, Any] = {}  # streamed splits (train only): a ShardStream or HFStream
         self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
@@ -133,14 +139,30 @@ class MultimodalDataModule(L.LightningDataModule):
         if stage == "fit":  # a new fit starts at the first batch, unless a checkpoint says otherwise
             self._train_loader, self._train_position = None, None
         for split, spec in self.specs.items():
-            if spec is None or split in self.datasets:
+            if spec is None or split in self.datasets or split in self.streams:
                 continue
-            dataset = load_split(spec)
+            if is_streamed(spec):
+                self.streams[split] = self._stream(split, spec)
+                continue
+            dataset = load_split(spec, self._placeholder() if getattr(spec, "format", None) else None)
             if self.preprocess:
                 dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
             elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
                 dataset = self._measure(split, dataset)
             self.datasets[split] = dataset
+
+    def _placeholder(self) -> str | None:
+        """The model's image placeholder token (for the readers of data formats)."""
+        processor = self._processor()
+        fields = {**default_fields(list(processor.tokens)), **dict(self.collator_kwargs["fields"] or {})}
+        return next((processor.tokens[key] for key, name in fields.items() if name == "images"), None)
+
+    def _stream(self, split: str, spec: DatasetSpec) -> Any:
+        """The stream of a streamed split (train only; no packing or length grouping)."""
+        if split != "train" or self.pack or self.group_by_length:
+            raise ValueError(f"A streamed split ({split}: streaming or path 'shards') can only be the train split, "
+                             f"without pack or group_by_length.")
+        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed)
 
     def _encode(self, split: str, dataset: Dataset) -> Dataset:
         """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
@@ -183,8 +205,13 @@ class MultimodalDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- loaders
     def _loader(self, split: str, generate: bool = False) -> DataLoader:
-        if split not in self.datasets:
+        if split not in self.datasets and split not in self.streams:
             self.setup()
+        if split in self.streams:
+            stream = StreamingBatches(self.streams[split], self.batch_size,
+                                      WithSupervisedPositions(self.collator(split)), **self._ranks())
+            return self._resuming(StreamingLoader(stream, num_workers=self.num_workers,
+                                                  epoch_length=self._epoch_length))
         if split not in self.datasets:
             raise ValueError(f"No {split} data: pass {split}=DatasetSpec(...) to MultimodalDataModule.")
         train = split == "train"
@@ -207,9 +234,12 @@ class MultimodalDataModule(L.LightningDataModule):
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
         else:
             sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
-        loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                 collate_fn=WithSupervisedPositions(collate), epoch_length=self._epoch_length,
-                                 **workers)
+        return self._resuming(ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                              collate_fn=WithSupervisedPositions(collate),
+                                              epoch_length=self._epoch_length, **workers))
+
+    def _resuming(self, loader: ResumableLoader) -> ResumableLoader:
+        """The new train loader, placed where the last one was (or where a checkpoint says)."""
         if self._train_loader is not None:  # a reloaded loader goes on where the last one was
             loader.load_state_dict(self._train_loader.state_dict())
         elif self._train_position is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from datasets import Dataset, Features, IterableDataset, List, Value
 
+from ..batch import INDEX_KEY
 from .media import SampleError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
+SKIP = "__skip__"  # marks a bad row of a stream, dropped after reading
 SAMPLE_FEATURES = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
                             "images": List(Value("string"))})
 
@@ -238,10 +240,16 @@ def convert(dataset: Dataset | IterableDataset, reader: RowReader, split: str = 
         samples = [s for s in (reader.try_read(r, i) for r, i in zip(rows, indices)) if s is not None]
         return {"messages": [s["messages"] for s in samples], "images": [s["images"] for s in samples]}
 
-    kwargs = dict(batched=True, with_indices=True, remove_columns=list(dataset.column_names or []),
-                  features=SAMPLE_FEATURES)
-    if isinstance(dataset, IterableDataset):
-        return dataset.map(read, **kwargs)
+    if isinstance(dataset, IterableDataset):  # its columns may be unknown: read row by row, then drop bad rows
+        def read_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+            sample = reader.try_read(row, index)
+            if sample is None:
+                return {"messages": [], "images": [], INDEX_KEY: index, SKIP: True}
+            return {**sample, INDEX_KEY: index, SKIP: False}  # errors later name the row
+
+        return dataset.map(read_row, with_indices=True, remove_columns=dataset.column_names).filter(
+            lambda row: not row[SKIP]).remove_columns([SKIP])
+    kwargs = dict(batched=True, with_indices=True, remove_columns=dataset.column_names, features=SAMPLE_FEATURES)
     converted = dataset.map(read, load_from_cache_file=False, desc=f"Reading {split} ({reader.format})", **kwargs)
     if reader.skipped:
         log.warning("%s: skipped %d of %d rows (on_bad_row='skip'); first: %s", split, len(reader.skipped),
