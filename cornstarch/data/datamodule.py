@@ -50,12 +50,16 @@ class MultimodalDataModule(L.LightningDataModule):
         eval_prompts: val/test batches also carry generation prompts and reference answers (for exact match).
         preprocess: encode every sample once at setup (``datasets.Dataset.map``: media decoded and processed, text
             templated, tokenized and expanded), so that a batch is only gathered, padded and stacked. The encoded
-            split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones).
+            split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones)
+            unless ``cache_dir`` keeps it on disk.
             ``False``: the collator does that work for every batch, every epoch (for random per-epoch transforms
             such as ``with_transform`` augmentations, or splits too large to hold encoded; use ``num_workers``).
         pack: train batches are ``batch_size`` rows of ``max_length`` tokens, each holding several whole samples
             (first-fit decreasing, reshuffled every epoch) with ``position_ids`` restarting per sample: each
             sample attends only to itself (see :mod:`cornstarch.data.packing`). Needs ``max_length``.
+        cache_dir: with ``preprocess``, write each split's encoded samples to Arrow files in this folder (rewritten at
+            every setup) and read them memory-mapped: a split larger than memory keeps the encoded path's speed, and
+            the process's memory stays flat as the split grows. ``None``: the encoded splits are held in memory.
         shuffle_buffer: samples in the shuffle buffer of a streamed train split (a spec with ``streaming: true`` or
             ``path: shards``; see :mod:`cornstarch.data.streaming`); ``0`` reads it in order.
 
@@ -83,6 +87,7 @@ class MultimodalDataModule(L.LightningDataModule):
         preprocess: bool = True,
         pack: bool = False,
         shuffle_buffer: int = 1000,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -98,6 +103,7 @@ class MultimodalDataModule(L.LightningDataModule):
         self.preprocess = preprocess
         self.pack = pack
         self.shuffle_buffer = shuffle_buffer
+        self.cache_dir = cache_dir
         if pack and (not max_length or group_by_length):
             raise ValueError("pack=True needs max_length (the tokens per packed row) and excludes group_by_length.")
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {})
@@ -168,7 +174,15 @@ class MultimodalDataModule(L.LightningDataModule):
         """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
         if len(dataset) == 0:
             raise ValueError(f"The {split} data has no samples.")
-        return encode_split(dataset, self.collator(split, generate=split == "predict", max_length=None), split)
+        return encode_split(dataset, self.collator(split, generate=split == "predict", max_length=None), split,
+                            self._cache_file(split, "encoded"))
+
+    def _cache_file(self, split: str, stage: str) -> str | None:
+        """Where ``cache_dir`` keeps a split's encoded samples (``None`` without a ``cache_dir``)."""
+        if self.cache_dir is None:
+            return None
+        os.makedirs(self.cache_dir, exist_ok=True)
+        return os.path.join(self.cache_dir, f"{split}-{stage}.arrow")
 
     def _fit_lengths(self, split: str, dataset: Dataset, encoded: Dataset) -> tuple[Dataset, Dataset]:
         """Exact lengths of encoded samples; over-long ones raise or are dropped from both the samples and their
@@ -184,7 +198,9 @@ class MultimodalDataModule(L.LightningDataModule):
                 log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, len(too_long_rows),
                             len(lengths), self.max_length)
                 keep = np.flatnonzero(lengths <= self.max_length)
-                dataset, encoded = dataset.select(keep), encoded.select(keep).flatten_indices(keep_in_memory=True)
+                kept = self._cache_file(split, "kept")
+                dataset = dataset.select(keep)
+                encoded = encoded.select(keep).flatten_indices(keep_in_memory=kept is None, cache_file_name=kept)
                 lengths = lengths[keep]
         self.lengths[split] = lengths.tolist()
         return dataset, encoded

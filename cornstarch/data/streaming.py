@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,6 +61,28 @@ def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator
         else:
             buffer[slot] = incoming
     return out
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    """Name → bytes of the members of a run of plain (ustar) tar members, e.g. one sample's in a shard.
+
+    >>> import tarfile
+    >>> out = io.BytesIO()
+    >>> with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    ...     for name, text in [("a.json", b"{}"), ("a.0.png", b"x" * 600)]:
+    ...         info = tarfile.TarInfo(name); info.size = len(text); tar.addfile(info, io.BytesIO(text))
+    >>> {name: len(value) for name, value in tar_members(out.getvalue()).items()}
+    {'a.json': 2, 'a.0.png': 600}
+    """
+    members, offset = {}, 0
+    while offset + 512 <= len(data) and data[offset:offset + 1] != b"\0":
+        header = data[offset:offset + 512]
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        members[f"{prefix}/{name}" if prefix else name] = data[offset + 512:offset + 512 + size]
+        offset += 512 + -(-size // 512) * 512
+    return members
 
 
 class ShardStream:
@@ -119,10 +140,7 @@ class ShardStream:
             handle = self._handles[shard] = open(self.files[shard], "rb")  # noqa: SIM115 (kept open, per worker)
         handle.seek(int(self.start[ref]))
         data = handle.read(int(self.end[ref] - self.start[ref]))
-        members = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                members[member.name] = tar.extractfile(member).read()
+        members = tar_members(data)
         meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
         messages = [{"role": m["role"], "content": m["content"].replace(SOURCE_PLACEHOLDER, self.placeholder)}
                     for m in meta["messages"]]
