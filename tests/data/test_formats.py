@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 
 from cornstarch.data import DatasetSpec, MultimodalDataModule
 from cornstarch.data.formats import RowReader
@@ -109,3 +112,21 @@ def test_a_llava_json_trains_through_the_data_module_and_bad_rows_are_skipped_by
     assert sum(int((b["input_ids"] == proc.token_ids["vision"]).any(1).sum()) for b in batches) > 0
     for batch in batches:
         assert torch.isfinite(mllm(**{k: v for k, v in batch.items() if k != "supervised_positions"}).loss)
+
+
+def test_the_documented_llava_config_parses_and_trains(tmp_path):
+    """docs/data.md's "Bring your own data" config, its paths pointed at a generated LLaVA set, through the CLI's
+    parser (the data module's signature is the YAML schema)."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "data.md")).read()
+    block = doc.split("## Bring your own data", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = write_llava(str(tmp_path), 8)
+    text = (block.replace("data/llava_instruct.json", path).replace("data/llava_val.json", path)
+            .replace("data/images", str(tmp_path)).replace("data/encoded", str(tmp_path / "encoded")))
+    parser = ArgumentParser()
+    parser.add_class_arguments(MultimodalDataModule, "data")
+    dm = parser.instantiate_classes(parser.parse_object(yaml.safe_load(text))).data
+    assert dm.specs["train"].format == "llava" and dm.cache_dir == str(tmp_path / "encoded")
+    _, proc = make()
+    dm.processor = proc
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and "pixel_values" in batch
