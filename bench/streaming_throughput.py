@@ -1,12 +1,18 @@
-"""Streaming a large LLaVA-format set: loader speed against the demo model's training, and memory as the set grows.
+"""A large LLaVA-format set: train-loader speed against the demo model's training, and memory as the set grows.
 
-A synthetic LLaVA-Instruct-style set (one 8×8 PNG per row, written under ``--root``; single and multi-turn rows) is
-converted to tar shards (:func:`cornstarch.data.prepare.prepare`) at each size of ``--sizes``. For each size, the
-train loader of ``path: shards`` (:mod:`cornstarch.data.streaming`, ``--workers`` worker processes, the default demo
-model's processor and batch) runs ``--batches`` batches while a thread samples the resident memory (RSS) of the
-process and its workers, summed (an upper bound: pages the workers share with the parent count twice). In the same
-run, the demo model's train step (forward + backward + AdamW, one thread) is timed on a batch of that loader.
-Target: loader/train >= 20, peak RSS < 1.5 GB and flat from the smallest size to the largest.
+A synthetic LLaVA-Instruct-style set (one 8×8 PNG per row, written under ``--root``; single and multi-turn rows) at
+each size of ``--sizes``, read two ways with the default demo model's processor and batch:
+
+- streamed: converted to tar shards (:func:`cornstarch.data.prepare.prepare`), ``path: shards``
+  (:mod:`cornstarch.data.streaming`), ``--workers`` worker processes decoding, processing and collating each batch;
+- encoded on disk: the JSON read with ``format: llava``, encoded once at setup into ``cache_dir`` and read
+  memory-mapped (``preprocess: true``, the default; no workers).
+
+Each loader runs ``--batches`` batches while a thread samples the memory of the process and its workers: the
+largest resident set (RSS) of one process, and the summed proportional set size (PSS: pages shared between the
+processes split among them; file pages of memory-mapped data count while resident). In the same run, the demo
+model's train step (forward + backward + AdamW, one thread) is timed on a batch. Targets: loader/train >= 20,
+memory < 1.5 GB and flat from the smallest size to the largest.
 
     OMP_NUM_THREADS=1 python bench/streaming_throughput.py [--sizes 50000 200000] [--workers 2] [--batches 400]
 """
@@ -51,42 +57,45 @@ def dataset(root: str, size: int) -> str:
     return shards
 
 
-class PeakRSS(threading.Thread):
-    """Samples the summed RSS of this process and its children every 50 ms."""
+class PeakMemory(threading.Thread):
+    """Samples the largest RSS of this process or a child, and their summed PSS, every 0.2 s (GB)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.running = 0, True
+        self.rss = self.pss = 0.0
+        self.running = True
 
     def run(self) -> None:
         me = psutil.Process()
         while self.running:
             try:
-                rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+                infos = [p.memory_full_info() for p in [me, *me.children(recursive=True)]]
             except psutil.Error:
                 continue
-            self.peak = max(self.peak, rss)
-            time.sleep(0.05)
+            self.rss = max(self.rss, max(i.rss for i in infos) / 1e9)
+            self.pss = max(self.pss, sum(i.pss for i in infos) / 1e9)
+            time.sleep(0.2)
 
 
-def stream(shards: str, processor, batch_size: int, workers: int, batches: int) -> tuple[float, float, dict]:
-    """Samples/s of the streaming train loader over ``batches`` batches (after one), its peak RSS (GB), a batch."""
-    data = MultimodalDataModule(train=DatasetSpec("shards", data_dir=shards), processor=processor,
-                                batch_size=batch_size, num_workers=workers, shuffle_buffer=1000)
-    meter = PeakRSS()
+def measure(data: MultimodalDataModule, batches: int) -> dict:
+    """Setup time, samples/s of the train loader over ``batches`` batches (after one), peak memory, a batch."""
+    meter = PeakMemory()
     meter.start()
+    start = time.perf_counter()
     data.setup("fit")
+    setup = time.perf_counter() - start
     loader = iter(data.train_dataloader())
     batch = next(loader)  # workers started, first batches in flight
     n, start = 0, time.perf_counter()
     for batch in loader:
         n += batch["input_ids"].shape[0]
-        if n >= batches * batch_size:
+        if n >= batches * data.batch_size:
             break
     rate = n / (time.perf_counter() - start)
     meter.running = False
     meter.join()
-    return rate, meter.peak / 1e9, batch
+    del loader
+    return {"setup": setup, "rate": rate, "rss": meter.rss, "pss": meter.pss, "batch": batch}
 
 
 def main() -> None:
@@ -96,22 +105,32 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=400)
     parser.add_argument("--steps", type=int, default=20, help="train steps timed")
+    parser.add_argument("--cache", default="/tmp/cornstarch-stream-bench-cache", help="cache_dir of the encoded path")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     module, data, _ = demo()
-    print(f"streaming train loader, demo model's processor and batch {data.batch_size}, {args.workers} workers")
-    rows = []
+    print(f"demo model's processor and batch {data.batch_size}; {args.batches} batches per loader")
+    results = []
     for size in args.sizes:
         shards = dataset(args.root, size)
-        rate, peak, batch = stream(shards, module.processor, data.batch_size, args.workers, args.batches)
-        rows.append((size, rate, peak))
-        print(f"    {size:>8} samples: loader {rate:9.1f} samples/s   peak RSS {peak:.2f} GB")
-    trained = train_rate(module, {k: v for k, v in batch.items() if k != "supervised_positions"}, args.steps)
-    print(f"demo model train step (1 thread): {trained:.1f} samples/s")
-    for size, rate, peak in rows:
-        print(f"    {size:>8} samples: loader/train {rate / trained:6.1f}x (target >= 20)   peak RSS {peak:.2f} GB "
-              f"(target < 1.5, flat)")
+        common = dict(processor=module.processor, batch_size=data.batch_size)
+        streamed = measure(MultimodalDataModule(train=DatasetSpec("shards", data_dir=shards), shuffle_buffer=1000,
+                                                num_workers=args.workers, **common), args.batches)
+        spec = DatasetSpec("json", data_files=os.path.join(args.root, f"data-{size}.jsonl"), format="llava",
+                           image_root=args.root)
+        encoded = measure(MultimodalDataModule(train=spec, cache_dir=os.path.join(args.cache, str(size)), **common),
+                          args.batches)
+        results.append((size, streamed, encoded))
+        for name, r in (("streamed shards", streamed), ("encoded on disk", encoded)):
+            print(f"    {size:>7} samples, {name}: setup {r['setup']:6.1f} s, loader {r['rate']:8.1f} samples/s, "
+                  f"peak RSS (largest process) {r['rss']:.2f} GB, peak PSS (all) {r['pss']:.2f} GB", flush=True)
+    batch = {k: v for k, v in results[-1][2]["batch"].items() if k != "supervised_positions"}
+    trained = train_rate(module, batch, args.steps)
+    print(f"demo model train step (1 thread, batch {data.batch_size}): {trained:.1f} samples/s")
+    for size, streamed, encoded in results:
+        print(f"    {size:>7} samples: loader/train streamed {streamed['rate'] / trained:5.1f}x ({args.workers} "
+              f"workers), encoded on disk {encoded['rate'] / trained:5.1f}x (target >= 20)")
 
 
 if __name__ == "__main__":
