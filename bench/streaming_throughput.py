@@ -42,12 +42,14 @@ def dataset(root: str, size: int) -> str:
     shards = os.path.join(root, f"shards-{size}")
     if os.path.isfile(os.path.join(shards, "index.json")):
         return shards
-    have = len(os.listdir(os.path.join(root, "images"))) if os.path.isdir(os.path.join(root, "images")) else 0
+    done = os.path.join(root, "images", "written")  # how many images are complete
+    have = int(open(done).read()) if os.path.isfile(done) else 0
+    start = time.perf_counter()
+    names = write_images(root, size, start=min(have, size))
     if have < size:
-        start = time.perf_counter()
-        write_images(root, size)
-        print(f"    wrote {size} 8x8 PNGs in {time.perf_counter() - start:.0f} s")
-    names = [os.path.join("images", f"{i:07d}.png") for i in range(size)]
+        with open(done, "w") as f:
+            f.write(str(size))
+        print(f"    wrote {size - have} 8x8 PNGs in {time.perf_counter() - start:.0f} s")
     path = os.path.join(root, f"data-{size}.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in llava_rows(size, names, images_per_row=1))

@@ -37,6 +37,7 @@ from .resume import ResumableLoader
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cornstarch-shards/1"
+OPEN_SHARDS = 16  # shard files a worker keeps open
 
 
 def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -137,6 +138,8 @@ class ShardStream:
         shard = int(self.shard[ref])
         handle = self._handles.get(shard)
         if handle is None:
+            if len(self._handles) >= OPEN_SHARDS:  # the buffer spans a few shards: close the longest open
+                self._handles.pop(next(iter(self._handles))).close()
             handle = self._handles[shard] = open(self.files[shard], "rb")  # noqa: SIM115 (kept open, per worker)
         handle.seek(int(self.start[ref]))
         data = handle.read(int(self.end[ref] - self.start[ref]))

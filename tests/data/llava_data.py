@@ -14,15 +14,14 @@ from tests import tiny
 ANSWER_WORDS = tiny.WORDS[4:20]
 
 
-def write_images(root: str, count: int, size: int = 8, seed: int = 0) -> list[str]:
-    """``count`` random ``size``×``size`` PNGs under ``root/images`` (``0000000.png``, …); their relative paths."""
+def write_images(root: str, count: int, size: int = 8, seed: int = 0, start: int = 0) -> list[str]:
+    """``count`` random ``size``×``size`` PNGs under ``root/images`` (``0000000.png``, …; image ``i`` seeded by
+    ``seed`` and ``i``), written from number ``start`` on (those before are taken as written); their relative paths."""
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(count):
-        name = os.path.join("images", f"{i:07d}.png")
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(root, name))
-        names.append(name)
+    names = [os.path.join("images", f"{i:07d}.png") for i in range(count)]
+    for i in range(start, count):
+        pixels = np.random.default_rng([seed, i]).integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, names[i]))
     return names
 
 
