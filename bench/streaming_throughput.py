@@ -8,11 +8,12 @@ each size of ``--sizes``, read two ways with the default demo model's processor 
 - encoded on disk: the JSON read with ``format: llava``, encoded once at setup into ``cache_dir`` and read
   memory-mapped (``preprocess: true``, the default; no workers).
 
-Each loader runs ``--batches`` batches while a thread samples the memory of the process and its workers: the
-largest resident set (RSS) of one process, and the summed proportional set size (PSS: pages shared between the
-processes split among them; file pages of memory-mapped data count while resident). In the same run, the demo
-model's train step (forward + backward + AdamW, one thread) is timed on a batch. Targets: loader/train >= 20,
-memory < 1.5 GB and flat from the smallest size to the largest.
+Each (size, way) is measured in a fresh process: the loader runs ``--batches`` batches while a thread samples the
+memory of the process and its workers (the largest resident set, RSS, of one process; its private part, RSS less
+file-backed pages such as memory-mapped data; and the summed proportional set size, PSS, which splits shared pages
+among the processes), then the demo model's train step (forward + backward + AdamW, one thread) is timed on the
+loader's last batch, so that the ratio compares figures taken under the same load of the shared machine. Targets:
+loader/train >= 20, memory < 1.5 GB and flat from the smallest size to the largest.
 
     OMP_NUM_THREADS=1 python bench/streaming_throughput.py [--sizes 50000 200000] [--workers 2] [--batches 400]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -60,11 +62,12 @@ def dataset(root: str, size: int) -> str:
 
 
 class PeakMemory(threading.Thread):
-    """Samples the largest RSS of this process or a child, and their summed PSS, every 0.2 s (GB)."""
+    """Samples, every 0.2 s, the largest RSS of this process or a child, the largest private (anonymous: RSS less
+    file-backed pages such as memory-mapped data and libraries) of one, and their summed PSS (GB)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.rss = self.pss = 0.0
+        self.rss = self.private = self.pss = 0.0
         self.running = True
 
     def run(self) -> None:
@@ -75,29 +78,42 @@ class PeakMemory(threading.Thread):
             except psutil.Error:
                 continue
             self.rss = max(self.rss, max(i.rss for i in infos) / 1e9)
+            self.private = max(self.private, max(i.rss - i.shared for i in infos) / 1e9)
             self.pss = max(self.pss, sum(i.pss for i in infos) / 1e9)
             time.sleep(0.2)
 
 
-def measure(data: MultimodalDataModule, batches: int) -> dict:
-    """Setup time, samples/s of the train loader over ``batches`` batches (after one), peak memory, a batch."""
+def measure(args: argparse.Namespace, size: int, path: str) -> dict:
+    """In a fresh process: setup time, samples/s of the train loader over ``args.batches`` batches (after one), peak
+    memory, and the demo model's train rate on the loader's last batch, measured right after it."""
+    module, data, _ = demo()
+    common = dict(processor=module.processor, batch_size=data.batch_size)
+    if path == "streamed":
+        dm = MultimodalDataModule(train=DatasetSpec("shards", data_dir=os.path.join(args.root, f"shards-{size}")),
+                                  shuffle_buffer=1000, num_workers=args.workers, **common)
+    else:
+        spec = DatasetSpec("json", data_files=os.path.join(args.root, f"data-{size}.jsonl"), format="llava",
+                           image_root=args.root)
+        dm = MultimodalDataModule(train=spec, cache_dir=os.path.join(args.cache, str(size)), **common)
     meter = PeakMemory()
     meter.start()
     start = time.perf_counter()
-    data.setup("fit")
+    dm.setup("fit")
     setup = time.perf_counter() - start
-    loader = iter(data.train_dataloader())
+    loader = iter(dm.train_dataloader())
     batch = next(loader)  # workers started, first batches in flight
     n, start = 0, time.perf_counter()
     for batch in loader:
         n += batch["input_ids"].shape[0]
-        if n >= batches * data.batch_size:
+        if n >= args.batches * dm.batch_size:
             break
     rate = n / (time.perf_counter() - start)
     meter.running = False
     meter.join()
     del loader
-    return {"setup": setup, "rate": rate, "rss": meter.rss, "pss": meter.pss, "batch": batch}
+    trained = train_rate(module, {k: v for k, v in batch.items() if k != "supervised_positions"}, args.steps)
+    return {"setup": setup, "rate": rate, "train": trained, "rss": meter.rss, "private": meter.private,
+            "pss": meter.pss}
 
 
 def main() -> None:
@@ -108,31 +124,25 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=400)
     parser.add_argument("--steps", type=int, default=20, help="train steps timed")
     parser.add_argument("--cache", default="/tmp/cornstarch-stream-bench-cache", help="cache_dir of the encoded path")
+    parser.add_argument("--measure", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    module, data, _ = demo()
-    print(f"demo model's processor and batch {data.batch_size}; {args.batches} batches per loader")
-    results = []
+    if args.measure:
+        print(json.dumps(measure(args, int(args.measure[0]), args.measure[1])))
+        return
+    print(f"demo model's processor and batch 32; {args.batches} batches per loader; each measured in a fresh process")
     for size in args.sizes:
-        shards = dataset(args.root, size)
-        common = dict(processor=module.processor, batch_size=data.batch_size)
-        streamed = measure(MultimodalDataModule(train=DatasetSpec("shards", data_dir=shards), shuffle_buffer=1000,
-                                                num_workers=args.workers, **common), args.batches)
-        spec = DatasetSpec("json", data_files=os.path.join(args.root, f"data-{size}.jsonl"), format="llava",
-                           image_root=args.root)
-        encoded = measure(MultimodalDataModule(train=spec, cache_dir=os.path.join(args.cache, str(size)), **common),
-                          args.batches)
-        results.append((size, streamed, encoded))
-        for name, r in (("streamed shards", streamed), ("encoded on disk", encoded)):
+        dataset(args.root, size)
+        for path in ("streamed", "encoded"):
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure", str(size), path],
+                                   capture_output=True, text=True, check=True)
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            name = f"streamed shards ({args.workers} workers)" if path == "streamed" else "encoded on disk"
             print(f"    {size:>7} samples, {name}: setup {r['setup']:6.1f} s, loader {r['rate']:8.1f} samples/s, "
-                  f"peak RSS (largest process) {r['rss']:.2f} GB, peak PSS (all) {r['pss']:.2f} GB", flush=True)
-    batch = {k: v for k, v in results[-1][2]["batch"].items() if k != "supervised_positions"}
-    trained = train_rate(module, batch, args.steps)
-    print(f"demo model train step (1 thread, batch {data.batch_size}): {trained:.1f} samples/s")
-    for size, streamed, encoded in results:
-        print(f"    {size:>7} samples: loader/train streamed {streamed['rate'] / trained:5.1f}x ({args.workers} "
-              f"workers), encoded on disk {encoded['rate'] / trained:5.1f}x (target >= 20)")
+                  f"train {r['train']:6.1f} samples/s: ratio {r['rate'] / r['train']:5.1f}x (target >= 20); "
+                  f"peak RSS {r['rss']:.2f} GB (private {r['private']:.2f}) of the largest process, PSS of all "
+                  f"{r['pss']:.2f} GB", flush=True)
 
 
 if __name__ == "__main__":

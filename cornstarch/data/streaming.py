@@ -51,16 +51,16 @@ def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator
     if buffer_size <= 1 or len(order) <= 1:
         return order
     picks = rng.integers(0, np.iinfo(np.int64).max, size=len(order))
-    buffer = list(order[:buffer_size])
+    buffer, incoming = order[:buffer_size].tolist(), order[buffer_size:]
     out = np.empty_like(order)
-    for i, incoming in enumerate(order[buffer_size:].tolist() + [None] * min(buffer_size, len(order))):
+    for i in range(len(order)):
         slot = int(picks[i] % len(buffer))
         out[i] = buffer[slot]
-        if incoming is None:
+        if i < len(incoming):
+            buffer[slot] = int(incoming[i])
+        else:  # the stream has ended: the buffer drains
             buffer[slot] = buffer[-1]
             buffer.pop()
-        else:
-            buffer[slot] = incoming
     return out
 
 
@@ -130,8 +130,8 @@ class ShardStream:
         shards = rng.permutation(len(self.files))
         order = np.concatenate([np.arange(self.first[s], self.first[s + 1]) for s in shards]) if len(shards) else \
             np.zeros(0, np.int64)
-        order = order[order < self.samples]
-        return iter(buffer_shuffle(order, self.shuffle_buffer, rng).tolist())
+        order = buffer_shuffle(order[order < self.samples], self.shuffle_buffer, rng)
+        return (int(ref) for start in range(0, len(order), 4096) for ref in order[start:start + 4096].tolist())
 
     def load(self, ref: int) -> dict[str, Any]:
         """Sample ``ref``: its ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
