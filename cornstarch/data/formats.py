@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,13 +88,6 @@ class RowReader:
             raise SampleError(index, "conversations" if self.format != "messages" else "messages",
                               "no assistant turn to learn from.")
         return {"messages": messages, "images": [self._path(p, index, f) for p, f in images]}
-
-    def read(self, rows: Iterable[dict[str, Any]], start: int = 0) -> Iterator[dict[str, Any]]:
-        """Samples of ``rows`` (numbered from ``start``), bad rows raised or skipped as ``on_bad_row`` says."""
-        for index, row in enumerate(rows, start):
-            sample = self.try_read(row, index)
-            if sample is not None:
-                yield sample
 
     def try_read(self, row: dict[str, Any], index: Any) -> dict[str, Any] | None:
         """The row's sample, or ``None`` for a bad row when skipping (counted in :attr:`skipped`)."""
