@@ -17,13 +17,14 @@ import numpy as np
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from .collator import MultimodalCollator, too_long
+from .collator import MultimodalCollator, default_fields, too_long
 from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .raw import IndexedDataset, sample_lengths
 from .resume import ResumableLoader
 from .sampling import EpochShuffleSampler, LengthGroupedSampler
 from .sources import DatasetSpec, load_split, media_dir
+from .streaming import StreamingBatches, StreamingLoader, is_streamed, open_stream
 
 __all__ = ["DatasetSpec", "MultimodalDataModule"]
 
@@ -51,12 +52,18 @@ class MultimodalDataModule(L.LightningDataModule):
         eval_prompts: val/test batches also carry generation prompts and reference answers (for exact match).
         preprocess: encode every sample once at setup (``datasets.Dataset.map``: media decoded and processed, text
             templated, tokenized and expanded), so that a batch is only gathered, padded and stacked. The encoded
-            split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones).
+            split is held in memory (processed pixels included: fine for small images, large for 336-pixel ones)
+            unless ``cache_dir`` keeps it on disk.
             ``False``: the collator does that work for every batch, every epoch (for random per-epoch transforms
             such as ``with_transform`` augmentations, or splits too large to hold encoded; use ``num_workers``).
         pack: train batches are ``batch_size`` rows of ``max_length`` tokens, each holding several whole samples
             (first-fit decreasing, reshuffled every epoch) with ``position_ids`` restarting per sample: each
             sample attends only to itself (see :mod:`cornstarch.data.packing`). Needs ``max_length``.
+        cache_dir: with ``preprocess``, write each split's encoded samples to Arrow files in this folder (rewritten at
+            every setup) and read them memory-mapped: a split larger than memory keeps the encoded path's speed, and
+            the process's memory stays flat as the split grows. ``None``: the encoded splits are held in memory.
+        shuffle_buffer: samples in the shuffle buffer of a streamed train split (a spec with ``streaming: true`` or
+            ``path: shards``; see :mod:`cornstarch.data.streaming`); ``0`` reads it in order.
 
     A split is a :class:`DatasetSpec` (``DatasetSpec("json", data_files="train.jsonl")``, ``"imagefolder"``, a
     ``"module:function"``) or an in-memory ``datasets.Dataset``:
@@ -95,6 +102,8 @@ class MultimodalDataModule(L.LightningDataModule):
         eval_prompts: bool = True,
         preprocess: bool = True,
         pack: bool = False,
+        shuffle_buffer: int = 1000,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.specs = {"train": train, "val": val, "test": test, "predict": predict}
@@ -109,11 +118,14 @@ class MultimodalDataModule(L.LightningDataModule):
         self.eval_prompts = eval_prompts
         self.preprocess = preprocess
         self.pack = pack
+        self.shuffle_buffer = shuffle_buffer
+        self.cache_dir = cache_dir
         if pack and (not max_length or group_by_length):
             raise ValueError("pack=True needs max_length (the tokens per packed row) and excludes group_by_length.")
         self.collator_kwargs = dict(fields=fields, sampling_rate=sampling_rate, processor_kwargs=processor_kwargs or {},
                                     on_long_audio=on_long_audio)
         self.datasets: dict[str, Dataset] = {}  # each split's samples (over-long ones skipped)
+        self.streams: dict[str, Any] = {}  # streamed splits (train only): a ShardStream or HFStream
         self.encoded: dict[str, Dataset] = {}  # with preprocess: each split's encoded samples, row for row
         self.lengths: dict[str, list[int]] = {}
         self.skipped: dict[str, int] = {}
@@ -150,20 +162,44 @@ class MultimodalDataModule(L.LightningDataModule):
         if stage == "fit":  # a new fit starts at the first batch, unless a checkpoint says otherwise
             self._train_loader, self._train_position = None, None
         for split, spec in self.specs.items():
-            if spec is None or split in self.datasets:
+            if spec is None or split in self.datasets or split in self.streams:
                 continue
-            dataset = load_split(spec)
+            if is_streamed(spec):
+                self.streams[split] = self._stream(split, spec)
+                continue
+            dataset = load_split(spec, self._placeholder() if getattr(spec, "format", None) else None)
             if self.preprocess:
                 dataset, self.encoded[split] = self._fit_lengths(split, dataset, self._encode(split, dataset))
             elif self.group_by_length and split == "train" or self.max_length and self.on_too_long == "skip":
                 dataset = self._measure(split, dataset)
             self.datasets[split] = dataset
 
+    def _placeholder(self) -> str | None:
+        """The model's image placeholder token (for the readers of data formats)."""
+        processor = self._processor()
+        fields = {**default_fields(list(processor.tokens)), **dict(self.collator_kwargs["fields"] or {})}
+        return next((processor.tokens[key] for key, name in fields.items() if name == "images"), None)
+
+    def _stream(self, split: str, spec: DatasetSpec) -> Any:
+        """The stream of a streamed split (train only; no packing or length grouping)."""
+        if split != "train" or self.pack or self.group_by_length:
+            raise ValueError(f"A streamed split ({split}: streaming or path 'shards') can only be the train split, "
+                             f"without pack or group_by_length.")
+        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed)
+
     def _encode(self, split: str, dataset: Dataset) -> Dataset:
         """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
         if len(dataset) == 0:
             raise ValueError(f"The {split} data has no samples.")
-        return encode_split(dataset, self.collator(split, generate=split == "predict", max_length=None), split)
+        return encode_split(dataset, self.collator(split, generate=split == "predict", max_length=None), split,
+                            self._cache_file(split, "encoded"))
+
+    def _cache_file(self, split: str, stage: str) -> str | None:
+        """Where ``cache_dir`` keeps a split's encoded samples (``None`` without a ``cache_dir``)."""
+        if self.cache_dir is None:
+            return None
+        os.makedirs(self.cache_dir, exist_ok=True)
+        return os.path.join(self.cache_dir, f"{split}-{stage}.arrow")
 
     def _fit_lengths(self, split: str, dataset: Dataset, encoded: Dataset) -> tuple[Dataset, Dataset]:
         """Exact lengths of encoded samples; over-long ones raise or are dropped from both the samples and their
@@ -179,7 +215,9 @@ class MultimodalDataModule(L.LightningDataModule):
                 log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, len(too_long_rows),
                             len(lengths), self.max_length)
                 keep = np.flatnonzero(lengths <= self.max_length)
-                dataset, encoded = dataset.select(keep), encoded.select(keep).flatten_indices(keep_in_memory=True)
+                kept = self._cache_file(split, "kept")
+                dataset = dataset.select(keep)
+                encoded = encoded.select(keep).flatten_indices(keep_in_memory=kept is None, cache_file_name=kept)
                 lengths = lengths[keep]
         self.lengths[split] = lengths.tolist()
         return dataset, encoded
@@ -200,8 +238,13 @@ class MultimodalDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- loaders
     def _loader(self, split: str, generate: bool = False) -> DataLoader:
-        if split not in self.datasets:
+        if split not in self.datasets and split not in self.streams:
             self.setup()
+        if split in self.streams:
+            stream = StreamingBatches(self.streams[split], self.batch_size,
+                                      WithSupervisedPositions(self.collator(split)), **self._ranks())
+            return self._resuming(StreamingLoader(stream, num_workers=self.num_workers,
+                                                  epoch_length=self._epoch_length))
         if split not in self.datasets:
             raise ValueError(f"No {split} data: pass {split}=DatasetSpec(...) to MultimodalDataModule.")
         train = split == "train"
@@ -224,9 +267,12 @@ class MultimodalDataModule(L.LightningDataModule):
             sampler = LengthGroupedSampler(self.lengths["train"], self.batch_size, seed=self.seed, **ranks)
         else:
             sampler = EpochShuffleSampler(len(self.datasets[split]), seed=self.seed, **ranks)
-        loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                 collate_fn=WithSupervisedPositions(collate), epoch_length=self._epoch_length,
-                                 **workers)
+        return self._resuming(ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                              collate_fn=WithSupervisedPositions(collate),
+                                              epoch_length=self._epoch_length, **workers))
+
+    def _resuming(self, loader: ResumableLoader) -> ResumableLoader:
+        """The new train loader, placed where the last one was (or where a checkpoint says)."""
         if self._train_loader is not None:  # a reloaded loader goes on where the last one was
             loader.load_state_dict(self._train_loader.state_dict())
         elif self._train_position is not None:

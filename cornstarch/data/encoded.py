@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List, Value
+from datasets.table import MemoryMappedTable
 
 from ..batch import INDEX_KEY
 from .collator import ANSWERS, TEXT_COLUMNS, EncodedColumns, MultimodalCollator
@@ -28,14 +29,16 @@ ENCODED_WARN_BYTES = 4 * 2**30  # warn when a split's encoded samples would take
 ARRAYS = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}  # per-sample [items, ...] arrays by dimension
 
 
-def encode_split(dataset: Dataset, collator: MultimodalCollator, split: str) -> Dataset:
+def encode_split(dataset: Dataset, collator: MultimodalCollator, split: str, cache_file: str | None = None) -> Dataset:
     """The split encoded once (:meth:`MultimodalCollator.encode` over batches of samples, via ``Dataset.map``),
-    held in memory. Lengths are left to the caller (:func:`encoded_lengths`).
+    held in memory, or written to ``cache_file`` and memory-mapped. Lengths are left to the caller
+    (:func:`encoded_lengths`).
 
     Args:
         dataset: the split's samples (at least one).
         collator: the split's collator, with no ``max_length`` (over-long samples are kept, to be counted).
         split: the split's name, for messages.
+        cache_file: an Arrow file to write the encoded samples to (rewritten at every call); ``None``: in memory.
 
     Returns:
         One row per sample: the columns of :meth:`MultimodalCollator.encode` with :func:`encoded_features`.
@@ -48,9 +51,9 @@ def encode_split(dataset: Dataset, collator: MultimodalCollator, split: str) -> 
     features = encoded_features(probe)
     estimate = len(dataset) * max(sum(np.asarray(column[i]).nbytes for column in probe.values())
                                   for i in range(len(probe["input_ids"])))
-    if estimate > ENCODED_WARN_BYTES:
+    if estimate > ENCODED_WARN_BYTES and cache_file is None:
         log.warning("%s: the encoded samples will take about %.1f GiB of memory (processed media included); "
-                    "preprocess=False processes each batch instead (with num_workers)", split, estimate / 2**30)
+                    "cache_dir keeps them on disk, preprocess=False processes each batch instead", split, estimate / 2**30)
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{**{k: v[j] for k, v in batch.items()}, INDEX_KEY: i} for j, i in enumerate(indices)]
@@ -67,9 +70,12 @@ def encode_split(dataset: Dataset, collator: MultimodalCollator, split: str) -> 
                                      f"use MultimodalDataModule(preprocess=False).")
         return columns
 
+    target = dict(keep_in_memory=True) if cache_file is None else dict(cache_file_name=cache_file,
+                                                                       load_from_cache_file=False)
     encoded = dataset.map(encode, batched=True, batch_size=ENCODE_BATCH, with_indices=True, features=features,
-                          remove_columns=dataset.column_names, keep_in_memory=True, desc=f"Encoding {split}")
-    log.info("%s: encoded %d samples once (%.1f MB)", split, len(encoded), encoded.data.nbytes / 2**20)
+                          remove_columns=dataset.column_names, desc=f"Encoding {split}", **target)
+    log.info("%s: encoded %d samples once (%.1f MB%s)", split, len(encoded), encoded.data.nbytes / 2**20,
+             f", memory-mapped from {cache_file}" if cache_file else "")
     return encoded
 
 
@@ -107,21 +113,52 @@ def encoded_features(columns: dict[str, list]) -> Features:
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Rows of an encoded split (:func:`encode_split`); a batch is one Arrow ``take``, a ``pyarrow.Table`` that
-    :class:`EncodedCollate` pads and stacks."""
+    """Rows of an encoded split (:func:`encode_split`); a batch is a ``pyarrow.Table`` of its rows that
+    :class:`EncodedCollate` pads and stacks.
+
+    In memory, the columns are made one chunk each, so that a batch is one Arrow ``take``. Memory-mapped (an encoded
+    split in a ``cache_dir``), the file's record batches stay where they are: a batch takes its rows from the
+    record batches holding them (Arrow's ``take`` over many chunks would first concatenate whole columns).
+    """
 
     def __init__(self, dataset: Dataset):
-        data = dataset.flatten_indices(keep_in_memory=True).data if dataset._indices is not None else dataset.data
-        self.table = data.table.combine_chunks()  # one chunk per column: a take is one gather, not one per chunk
+        if dataset._indices is not None:
+            dataset = dataset.flatten_indices(keep_in_memory=not isinstance(dataset.data, MemoryMappedTable))
+        self.data = dataset.data  # a MemoryMappedTable pickles as its file (workers map it again)
+        self.mapped = isinstance(self.data, MemoryMappedTable)
+        self._rows: tuple[list[pa.RecordBatch], np.ndarray] | None = None
+        # in memory: one chunk per column, a take is one gather
+        self.table = None if self.mapped else self.data.table.combine_chunks()
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.data.num_rows
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> Any:
-        return self.table.take(indices)
+        if self.table is not None:
+            return self.table.take(indices)
+        if self._rows is None:
+            batches = self.data.table.to_batches()
+            self._rows = batches, np.cumsum([0] + [b.num_rows for b in batches])
+        return take_rows(*self._rows, np.asarray(indices, dtype=np.int64))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_rows": None}
+
+
+def take_rows(batches: list[pa.RecordBatch], starts: np.ndarray, indices: np.ndarray) -> pa.Table:
+    """Rows ``indices`` (in that order) of the table made of ``batches`` (first rows ``starts``): a zero-copy slice
+    of the record batch holding each row, then one concatenation per column.
+
+    >>> batches = pa.table({"x": [0, 1, 2, 3, 4]}).to_batches(max_chunksize=2)
+    >>> take_rows(batches, np.array([0, 2, 4, 5]), np.array([4, 0, 3, 1])).column("x").to_pylist()
+    [4, 0, 3, 1]
+    """
+    chunks = np.searchsorted(starts, indices, side="right") - 1
+    rows = [batches[c].slice(i - starts[c], 1) for c, i in zip(chunks.tolist(), indices.tolist())]
+    return pa.Table.from_batches(rows, schema=batches[0].schema).combine_chunks()
 
 
 class ArrowColumns(EncodedColumns):

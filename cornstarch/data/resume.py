@@ -62,11 +62,15 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch, batch = self.position()
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = batch * (self.batch_size or 1)  # taken (and reset) by the sampler as its pass starts
+        self.start_pass(epoch, batch)
         for _, item in zip(range(self._epoch_length() - batch), super().__iter__()):
             self.batches_done += 1  # before handing it out: a checkpoint taken while it trains counts it
             yield item
+
+    def start_pass(self, epoch: int, batch: int) -> None:
+        """Tell the sampler where the pass starts: ``epoch``, after its first ``batch`` batches."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batch * (self.batch_size or 1)  # taken (and reset) by the sampler as its pass starts
 
     def state_dict(self) -> dict[str, int]:
         if self._restored is not None:

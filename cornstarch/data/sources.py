@@ -12,6 +12,7 @@ from typing import Any
 from datasets import Dataset, load_dataset
 
 from ..models.multimodal_language_model.import_paths import resolve
+from .formats import SOURCE_PLACEHOLDER, RowReader, convert
 
 
 @dataclass
@@ -28,6 +29,16 @@ class DatasetSpec:
         name: the dataset configuration name, if any.
         limit: keep only the first ``limit`` samples.
         kwargs: extra keyword arguments for ``load_dataset`` or the function.
+        format: the rows' conversation format, read into cornstarch samples by :mod:`~cornstarch.data.formats`:
+            ``"llava"`` (LLaVA-Instruct: ``conversations`` of ``from``/``value`` turns, ``image``/``images``),
+            ``"sharegpt"`` (the same reader) or ``"messages"`` (OpenAI-style typed content parts); ``None``: rows
+            are cornstarch samples already (``messages`` or ``prompt``/``answer``, ``images``, ``audios``).
+        image_root: directory that a format's relative image paths are relative to (default: the data files'
+            directory); images must lie inside it.
+        on_bad_row: with a ``format``, ``"error"`` (a bad row raises, naming the row and field) or ``"skip"``
+            (bad rows are dropped and counted in the log).
+        streaming: read the split as a stream (``load_dataset(..., streaming=True)``, or the shards of
+            ``path: shards``), for the train split: see :mod:`~cornstarch.data.streaming`.
 
     >>> DatasetSpec("imagefolder", data_dir="digits").base_dir
     'digits'
@@ -40,9 +51,14 @@ class DatasetSpec:
     name: str | None = None
     limit: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    format: str | None = None
+    image_root: str | None = None
+    on_bad_row: str = "error"
+    streaming: bool = False
 
-    def load(self) -> Dataset:
-        """Load the split (offline sources need no network).
+    def load(self, placeholder: str | None = None) -> Dataset:
+        """Load the split (offline sources need no network), its rows read from ``format`` into samples whose
+        images are marked with ``placeholder`` (the model's image token; default ``<image>``).
 
         Raises:
             ValueError: for a malformed record in a ``json`` split or an ``imagefolder``'s ``metadata.jsonl``,
@@ -53,13 +69,21 @@ class DatasetSpec:
         else:
             try:
                 dataset = load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                       split=self.split, **self.kwargs)
+                                       split=self.split, streaming=self.streaming, **self.kwargs)
             except Exception as err:  # datasets reports a bad record without its file and line
                 where = malformed_json(self._json_files())
                 if where is None:
                     raise
                 raise ValueError(where) from err
-        return dataset.select(range(min(self.limit, len(dataset)))) if self.limit is not None else dataset
+        if self.limit is not None:
+            dataset = dataset.take(self.limit) if self.streaming else dataset.select(range(min(self.limit,
+                                                                                               len(dataset))))
+        return convert(dataset, self.reader(placeholder), self.split) if self.format else dataset
+
+    def reader(self, placeholder: str | None = None) -> RowReader:
+        """The :class:`~cornstarch.data.formats.RowReader` of this spec's ``format``."""
+        return RowReader(self.format or "", placeholder or SOURCE_PLACEHOLDER, self.image_root or self.base_dir,
+                         on_bad_row=self.on_bad_row)
 
     def _json_files(self) -> list[str]:
         """The JSON files this spec reads: a ``json`` split's data files, an ``imagefolder``'s metadata files."""
@@ -122,13 +146,14 @@ def malformed_json(files: list[str]) -> str | None:
     return None
 
 
-def load_split(source: DatasetSpec | Dataset) -> Dataset:
-    """A split's samples: loaded from a :class:`DatasetSpec`, or an in-memory ``datasets.Dataset`` as it is.
+def load_split(source: DatasetSpec | Dataset, placeholder: str | None = None) -> Dataset:
+    """A split's samples: loaded from a :class:`DatasetSpec` (``placeholder``: the model's image token, for a
+    spec's ``format``), or an in-memory ``datasets.Dataset`` as it is.
 
     >>> len(load_split(Dataset.from_dict({"prompt": ["a", "b"], "answer": ["c", "d"]})))
     2
     """
-    return source.load() if isinstance(source, DatasetSpec) else source
+    return source.load(placeholder) if isinstance(source, DatasetSpec) else source
 
 
 def media_dir(source: DatasetSpec | Dataset) -> str | None:

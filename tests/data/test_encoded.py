@@ -5,6 +5,7 @@ collator's own."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -95,3 +96,21 @@ def test_arrow_rows_pad_as_the_collator_pads_its_own_columns():
     order = [2, 0, 1]
     python = collator.pad({name: [column[i] for i in order] for name, column in columns.items()})
     assert_same_batches([EncodedCollate(collator)(encoded_rows.__getitems__(order))], [python])
+
+
+def test_cache_dir_keeps_the_encoded_split_on_disk_with_the_same_batches(tmp_path):
+    """With cache_dir the encoded split is an Arrow file read memory-mapped (over-long samples dropped into a second
+    file); the loader gives exactly the in-memory path's batches, with workers too."""
+    from datasets.table import MemoryMappedTable
+
+    _, proc = make()
+    data = Dataset.from_dict(rows(40))
+    kwargs = dict(processor=proc, batch_size=6, max_length=40, on_too_long="skip", seed=2)
+    memory = MultimodalDataModule(train=data, **kwargs)
+    disk = MultimodalDataModule(train=data, cache_dir=str(tmp_path / "cache"), num_workers=2, **kwargs)
+    memory.setup("fit"), disk.setup("fit")
+    assert isinstance(disk.encoded["train"].data, MemoryMappedTable)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["train-encoded.arrow", "train-kept.arrow"]
+    assert disk.skipped["train"] == memory.skipped["train"] > 0
+    for got, want in zip(disk.train_dataloader(), memory.train_dataloader(), strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got if k != "answers")

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cornstarch.data.datamodule import MultimodalDataModule  # noqa: E402
+from cornstarch.data.datamodule import DatasetSpec, MultimodalDataModule  # noqa: E402
 from cornstarch.demo import digits_vlm_dataset  # noqa: E402
 from cornstarch.data.sampling import EpochShuffleSampler  # noqa: E402
 from cornstarch.lit.cli import CornstarchTrainer  # noqa: E402  (atomic checkpoint writes, files and shard dirs)
@@ -139,7 +139,8 @@ def run(config: dict) -> dict:
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
     ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``,
-    ``loss_chunk_size``, ``record_state``, ``data`` (more ``MultimodalDataModule`` arguments, e.g. packing).
+    ``loss_chunk_size``, ``record_state``, ``data`` (more ``MultimodalDataModule`` arguments, e.g. packing),
+    ``train_shards`` (train on the shards in this folder instead).
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
@@ -149,7 +150,9 @@ def run(config: dict) -> dict:
     n_train = config.get("n_train", 16)
     text_only = ([] if config.get("text_only_step") is None else
                  rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))
-    data = MultimodalDataModule(train=make_dataset(n_train, text_only),
+    train = (DatasetSpec("shards", data_dir=config["train_shards"]) if config.get("train_shards") else
+             make_dataset(n_train, text_only))
+    data = MultimodalDataModule(train=train,
                                 val=digits_vlm_dataset("validation", image_size=8, n=8),
                                 batch_size=config["batch_size"], eval_batch_size=4, **config.get("data", {}))
     recorder = Recorder(record_state=config.get("record_state", False))

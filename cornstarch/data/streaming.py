@@ -1,0 +1,297 @@
+"""Streaming train data: corpora read as they are used, never held whole, with exact resume.
+
+Two kinds of stream:
+
+- :class:`ShardStream`: the tar shards :mod:`~cornstarch.data.prepare` writes (WebDataset layout: each sample is a
+  ``KEY.json`` member followed by its ``KEY.N.EXT`` images, so ``webdataset``/``tar`` read them too) plus an
+  ``index.json`` of each sample's byte range. Each epoch the shards are taken in a seeded random order and the
+  samples go through a seeded shuffle buffer; every rank and worker computes that order from the index alone (no
+  bytes read) and reads only its own samples, each with one ``seek`` and one ``read``.
+- :class:`HFStream`: a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``), shuffled with its own
+  buffer and reseeded per epoch; each worker reads the stream and keeps its share.
+
+:class:`StreamingBatches` deals the epoch's order out like the map-style samplers do (position ``p`` to rank
+``p % ranks``; a rank's batch ``j`` to worker ``(j - first) % workers``, so the loader's round-robin over workers
+hands batches out in order) and collates in the workers. :class:`StreamingLoader` counts the batches trained on (as
+:class:`~cornstarch.data.resume.ResumableLoader` does) and starts each pass at its place, so a resumed run trains
+on exactly the batches the uninterrupted run does: mid-epoch, with workers, on every rank. An epoch is
+``samples // (ranks * batch_size)`` batches per rank (the rest of the shuffled epoch is left out, a different rest
+each epoch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import IterableDataset as HFIterableDataset
+
+from ..batch import INDEX_KEY
+from .formats import SOURCE_PLACEHOLDER
+from .resume import ResumableLoader
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = "cornstarch-shards/1"
+OPEN_SHARDS = 16  # shard files a worker keeps open
+
+
+def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` through a shuffle buffer of ``buffer_size``: each item out is a random one of the next
+    ``buffer_size`` waiting (a streaming shuffle: an item moves at most about ``buffer_size`` places back).
+
+    >>> out = buffer_shuffle(np.arange(10), 4, np.random.default_rng(0))
+    >>> sorted(out.tolist()) == list(range(10)), bool(out[:4].max() < 7)
+    (True, True)
+    """
+    if buffer_size <= 1 or len(order) <= 1:
+        return order
+    picks = rng.integers(0, np.iinfo(np.int64).max, size=len(order))
+    buffer, incoming = order[:buffer_size].tolist(), order[buffer_size:]
+    out = np.empty_like(order)
+    for i in range(len(order)):
+        slot = int(picks[i] % len(buffer))
+        out[i] = buffer[slot]
+        if i < len(incoming):
+            buffer[slot] = int(incoming[i])
+        else:  # the stream has ended: the buffer drains
+            buffer[slot] = buffer[-1]
+            buffer.pop()
+    return out
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    """Name → bytes of the members of a run of plain (ustar) tar members, e.g. one sample's in a shard.
+
+    >>> import tarfile
+    >>> out = io.BytesIO()
+    >>> with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    ...     for name, text in [("a.json", b"{}"), ("a.0.png", b"x" * 600)]:
+    ...         info = tarfile.TarInfo(name); info.size = len(text); tar.addfile(info, io.BytesIO(text))
+    >>> {name: len(value) for name, value in tar_members(out.getvalue()).items()}
+    {'a.json': 2, 'a.0.png': 600}
+    """
+    members, offset = {}, 0
+    while offset + 512 <= len(data) and data[offset:offset + 1] != b"\0":
+        header = data[offset:offset + 512]
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        members[f"{prefix}/{name}" if prefix else name] = data[offset + 512:offset + 512 + size]
+        offset += 512 + -(-size // 512) * 512
+    return members
+
+
+class ShardStream:
+    """Samples of the tar shards in ``directory`` (written by :func:`~cornstarch.data.prepare.prepare`).
+
+    Args:
+        directory: the folder holding ``index.json`` and the shards.
+        shuffle_buffer: samples in the shuffle buffer (``0``: shards and samples in order).
+        seed: seed of the shard order and the buffer, with the epoch.
+        placeholder: the model's image token, put where the source text has ``<image>``.
+        limit: read only the first ``limit`` samples (of the shards in their written order).
+
+    Raises:
+        FileNotFoundError: if ``directory`` has no ``index.json``.
+    """
+
+    def __init__(self, directory: str, shuffle_buffer: int = 1000, seed: int = 0,
+                 placeholder: str = SOURCE_PLACEHOLDER, limit: int | None = None):
+        path = os.path.join(directory, INDEX_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!r} has no {INDEX_FILE}: write shards with "
+                                    f"`python -m cornstarch.data.prepare` (cornstarch.data.prepare.prepare).")
+        with open(path) as f:
+            index = json.load(f)
+        self.directory = directory
+        self.files = [os.path.join(directory, shard["file"]) for shard in index["shards"]]
+        offsets = [np.asarray(shard["offsets"], dtype=np.int64) for shard in index["shards"]]
+        self.first = np.cumsum([0] + [len(o) - 1 for o in offsets])  # first sample id of each shard
+        self.start = np.concatenate([o[:-1] for o in offsets]) if offsets else np.zeros(0, np.int64)
+        self.end = np.concatenate([o[1:] for o in offsets]) if offsets else np.zeros(0, np.int64)
+        self.shard = np.repeat(np.arange(len(offsets)), [len(o) - 1 for o in offsets])
+        self.shuffle_buffer, self.seed, self.placeholder = shuffle_buffer, seed, placeholder
+        self.samples = len(self.start) if limit is None else min(limit, len(self.start))
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def refs(self, epoch: int) -> Iterator[int]:
+        """Sample ids in the order of ``epoch``: shards shuffled, then the shuffle buffer."""
+        if not self.shuffle_buffer:
+            return iter(range(self.samples))
+        rng = np.random.default_rng([self.seed, epoch])
+        shards = rng.permutation(len(self.files))
+        order = np.concatenate([np.arange(self.first[s], self.first[s + 1]) for s in shards]) if len(shards) else \
+            np.zeros(0, np.int64)
+        order = buffer_shuffle(order[order < self.samples], self.shuffle_buffer, rng)
+        return (int(ref) for start in range(0, len(order), 4096) for ref in order[start:start + 4096].tolist())
+
+    def load(self, ref: int) -> dict[str, Any]:
+        """Sample ``ref``: its ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
+        shard = int(self.shard[ref])
+        handle = self._handles.get(shard)
+        if handle is None:
+            if len(self._handles) >= OPEN_SHARDS:  # the buffer spans a few shards: close the longest open
+                self._handles.pop(next(iter(self._handles))).close()
+            handle = self._handles[shard] = open(self.files[shard], "rb")  # noqa: SIM115 (kept open, per worker)
+        handle.seek(int(self.start[ref]))
+        data = handle.read(int(self.end[ref] - self.start[ref]))
+        members = tar_members(data)
+        meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
+        messages = [{"role": m["role"], "content": m["content"].replace(SOURCE_PLACEHOLDER, self.placeholder)}
+                    for m in meta["messages"]]
+        return {"messages": messages, "images": [members[name] for name in meta["images"]], INDEX_KEY: meta["key"]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}  # workers open their own files
+
+
+class HFStream:
+    """Samples of a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``).
+
+    Args:
+        dataset: the stream (rows as cornstarch samples, e.g. read through a ``format``).
+        shuffle_buffer: samples in its shuffle buffer (``0``: in order).
+        seed: seed of the buffer (the epoch reseeds it).
+        samples: samples per epoch, if the stream does not say (``dataset.info.splits``).
+    """
+
+    def __init__(self, dataset: HFIterableDataset, shuffle_buffer: int = 1000, seed: int = 0,
+                 samples: int | None = None):
+        self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else dataset
+        self.samples = samples if samples is not None else _known_size(dataset)
+
+    def __len__(self) -> int:
+        if self.samples is None:
+            raise TypeError("The stream does not say how many samples it has: give samples=...")
+        return self.samples
+
+    def refs(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The rows in the order of ``epoch`` (read in batches: ``datasets`` would shard a stream iterated row by row
+        in a loader worker across the workers itself)."""
+        self.dataset.set_epoch(epoch)
+        for batch in self.dataset.iter(batch_size=256):
+            for j in range(len(next(iter(batch.values()), []))):
+                yield {k: v[j] for k, v in batch.items()}
+
+    @staticmethod
+    def load(ref: dict[str, Any]) -> dict[str, Any]:
+        return ref
+
+
+def _known_size(dataset: HFIterableDataset) -> int | None:
+    splits = getattr(dataset.info, "splits", None) or {}
+    split = splits.get(str(dataset.split)) if dataset.split is not None else None
+    return getattr(split, "num_examples", None) or None
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """Collated train batches of one rank, read from a stream (see the module's docstring).
+
+    Args:
+        stream: a :class:`ShardStream` or :class:`HFStream` (``refs(epoch)``, ``load(ref)``, ``len``).
+        batch_size: samples per batch of this rank.
+        collate: samples → batch (run in the workers).
+        num_replicas, rank: the data-parallel ranks; the defaults mean one process.
+
+    ``epoch`` and ``first`` (the first batch of the pass) are set by :class:`StreamingLoader` before each pass.
+    """
+
+    def __init__(self, stream: Any, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any],
+                 num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
+        self.stream, self.batch_size, self.collate = stream, batch_size, collate
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.first = 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch of each rank."""
+        return len(self.stream) // (self.num_replicas * self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        length, first = len(self), self.first
+        per_step = self.num_replicas * self.batch_size  # samples of one batch of every rank
+        batch: list[Any] = []
+        for position, ref in enumerate(self.stream.refs(self.epoch)):
+            step = position // per_step
+            if step >= length:
+                break
+            if step < first or (step - first) % workers != worker or position % self.num_replicas != self.rank:
+                continue
+            sample = self.stream.load(ref)
+            sample.setdefault(INDEX_KEY, position)
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class StreamingLoader(ResumableLoader):
+    """The train loader of a :class:`StreamingBatches`: counts the batches trained on and starts each pass where the
+    run stands (state as :class:`~cornstarch.data.resume.ResumableLoader`'s). Workers are started per pass (not
+    persistent), so each pass's start reaches them.
+
+    Args:
+        dataset: the :class:`StreamingBatches`.
+        num_workers: loader worker processes.
+        epoch_length: as for :class:`~cornstarch.data.resume.ResumableLoader`.
+
+    >>> from cornstarch.data.streaming import StreamingBatches
+    >>> class Numbers:
+    ...     def __len__(self): return 12
+    ...     def refs(self, epoch): return iter(np.random.default_rng(epoch).permutation(12).tolist())
+    ...     def load(self, ref): return {"n": ref}
+    >>> def batches(): return StreamingBatches(Numbers(), 2, lambda s: [x["n"] for x in s])
+    >>> run = [b for loader in [StreamingLoader(batches())] for _ in range(2) for b in loader]
+    >>> resumed = StreamingLoader(batches())
+    >>> resumed.load_state_dict({"epoch": 0, "batch": 4, "epoch_length": 6})
+    >>> [b for _ in range(2) for b in resumed] == run[4:]
+    True
+    """
+
+    def __init__(self, dataset: StreamingBatches, num_workers: int = 0,
+                 epoch_length: Callable[[], int | None] | None = None, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                         persistent_workers=False, epoch_length=epoch_length, **kwargs)
+
+    def start_pass(self, epoch: int, batch: int) -> None:
+        self.dataset.epoch, self.dataset.first = epoch, batch
+
+
+def is_streamed(spec: Any) -> bool:
+    """Whether a split's spec is read as a stream (``streaming: true``, or ``path: shards``)."""
+    return bool(getattr(spec, "streaming", False)) or getattr(spec, "path", None) == "shards"
+
+
+def open_stream(spec: Any, placeholder: str | None, shuffle_buffer: int = 1000, seed: int = 0) -> Any:
+    """The stream of a :class:`~cornstarch.data.DatasetSpec`: the shards in its ``data_dir`` (``path: shards``), or
+    ``load_dataset(..., streaming=True)`` read through its ``format``.
+
+    Raises:
+        ValueError: for shards without ``data_dir``, or a stream that does not say how many samples it has and no
+            ``limit``.
+    """
+    if spec.path == "shards":
+        if not spec.data_dir:
+            raise ValueError("A 'shards' split needs data_dir: the folder prepare wrote.")
+        return ShardStream(spec.data_dir, shuffle_buffer, seed, placeholder or SOURCE_PLACEHOLDER, spec.limit)
+    dataset = spec.load(placeholder)
+    samples = _known_size(dataset) if spec.limit is None else spec.limit
+    if samples is None:
+        raise ValueError(f"The stream of {spec.path!r} does not say how many samples it has: set the spec's limit "
+                         f"(samples per epoch).")
+    return HFStream(dataset, shuffle_buffer, seed, samples)
