@@ -17,6 +17,7 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import MultimodalDataModule
+from . import cluster
 from .module import MultimodalLitModule
 
 SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -39,7 +40,17 @@ def load_model_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 class CornstarchTrainer(L.Trainer):
-    """A Lightning ``Trainer`` with an ``export`` entry point."""
+    """A Lightning ``Trainer`` with an ``export`` entry point and the cluster settings of :mod:`cornstarch.lit.cluster`.
+
+    Args:
+        collective_timeout: seconds a collective (or joining the process group) may wait before the rank fails
+            with an error (Lightning's default: 30 minutes); for ``ddp``, ``fsdp2`` and ``fsdp1``.
+        *args, **kwargs: ``lightning.Trainer``'s.
+    """
+
+    def __init__(self, *args: Any, collective_timeout: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cluster.configure(self, collective_timeout)
 
     def export(self, model: MultimodalLitModule, datamodule: Any = None, ckpt_path: str | None = None,
                output_dir: str = "exported", merge_lora: bool = True, weights_only: bool | None = None) -> str:
@@ -82,11 +93,16 @@ class CornstarchCLI(LightningCLI):
         if ckpt and ckpt not in SPECIAL_CKPT and not os.path.exists(ckpt):
             raise FileNotFoundError(f"--ckpt_path {ckpt!r} does not exist.")
 
+    def before_fit(self) -> None:
+        config = self.config_init["fit"]  # a requeued SLURM job resumes where it stopped, with the same command
+        config["ckpt_path"] = cluster.requeued_resume_path(self.trainer, config.get("ckpt_path"))
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cornstarch`` console script."""
-    CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
-                  save_config_kwargs={"overwrite": True}, args=args)
+    cli = CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
+                        save_config_kwargs={"overwrite": True}, args=args)
+    cluster.exit_if_requeued(cli.trainer)
 
 
 if __name__ == "__main__":
