@@ -102,7 +102,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cornstarch`` console script."""
     cli = CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
                         save_config_kwargs={"overwrite": True}, args=args)
-    cluster.exit_if_requeued(cli.trainer)
+    cluster.finish(cli.trainer)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class SlurmRequeue(Callback):
     """Save, requeue and stop on SLURM's requeue signal, at a step boundary on which all ranks agree.
 
     The signal handler only records the signal (a checkpoint written from inside a handler could interrupt a
-    collective on one rank and not on another). After each training step the ranks reduce the flag; once any rank
+    collective on one rank and not on another). After each optimizer step the ranks reduce the flag; once any rank
     has it, all of them save ``hpc_ckpt_<n>.ckpt`` (the path chosen on rank 0), rank 0 calls
     ``scontrol requeue <job>`` and training stops. The checkpoint holds the data position, so the resumed run
     trains on exactly the batches the uninterrupted one would have.
@@ -94,6 +94,8 @@ class SlurmRequeue(Callback):
         self.received = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # within a gradient accumulation: act after its optimizer step (a checkpoint has no gradients)
         flag = torch.tensor([float(self.received)], device=trainer.strategy.root_device)
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -108,14 +110,15 @@ class SlurmRequeue(Callback):
         self.requeued = path
 
 
-
-def exit_if_requeued(trainer: L.Trainer | None) -> None:
-    """After ``fit``: exit with status 128 + the signal's number if the run stopped to be requeued (a stop for
-    pre-emption is not a finished run, e.g. for ``cornstarch fit ... && cornstarch export ...``)."""
-    for callback in getattr(trainer, "callbacks", []):
+def finish(trainer: L.Trainer | None) -> None:
+    """End of the ``cornstarch`` command: destroy the process group (without it a gloo process can abort at exit,
+    and torchrun then reports its node as failed), and exit with status 128 + the signal's number if the run
+    stopped to be requeued (a stop for pre-emption is not a finished run, e.g. for ``cornstarch fit ... &&
+    cornstarch export ...``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, SlurmRequeue) and callback.requeued:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()  # every rank exits cleanly (gloo can abort at exit otherwise)
             raise SystemExit(128 + callback.signum)
 
 

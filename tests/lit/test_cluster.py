@@ -364,3 +364,46 @@ def test_requeued_job_resumes_from_the_newest_of_hpc_and_last(tmp_path, monkeypa
     assert [c.signum for c in other.callbacks if isinstance(c, SlurmRequeue)] == [signal.SIGUSR2]
     off = CornstarchTrainer(accelerator="cpu", devices=1, logger=False, plugins=[SLURMEnvironment(auto_requeue=False)])
     assert not any(isinstance(c, SlurmRequeue) for c in off.callbacks)
+
+
+def test_requeue_waits_for_the_end_of_a_gradient_accumulation(tmp_path, monkeypatch):
+    """One SLURM task accumulating 2 batches per optimizer step; SIGUSR1 arrives during the first batch: the
+    checkpoint is saved after the second one (global step 1, its gradients applied), never between them."""
+    import lightning as L
+    import torch
+
+    from cornstarch.lit.cli import CornstarchTrainer
+    from cornstarch.lit.cluster import SlurmRequeue
+
+    for key, value in slurm_env(0, 1, tmp_path, ntasks=1).items():
+        if key.startswith("SLURM_") or key == "PATH":
+            monkeypatch.setenv(key, value)
+    calls = stub_scontrol(tmp_path)
+
+    class Signal(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    model = torch.nn.Linear(2, 1)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = model
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = CornstarchTrainer(accelerator="cpu", devices=1, max_steps=5, accumulate_grad_batches=2, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, callbacks=[Signal()],
+                                default_root_dir=str(tmp_path / "run"))
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=2))
+    requeue = next(c for c in trainer.callbacks if isinstance(c, SlurmRequeue))
+    assert requeue.requeued == str(tmp_path / "run" / "hpc_ckpt_1.ckpt")
+    saved = torch.load(requeue.requeued, weights_only=False)
+    assert saved["global_step"] == 1 and trainer.global_step == 1
+    assert calls.read_text().splitlines() == ["requeue 4242"]
