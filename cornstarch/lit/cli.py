@@ -94,8 +94,9 @@ class CornstarchCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path {ckpt!r} does not exist.")
 
     def before_fit(self) -> None:
-        config = self.config_init["fit"]  # a requeued SLURM job resumes where it stopped, with the same command
-        config["ckpt_path"] = cluster.requeued_resume_path(self.trainer, config.get("ckpt_path"))
+        # a requeued SLURM job resumes where it stopped, with the same command; an unreadable checkpoint is refused
+        config = self.config_init["fit"]
+        config["ckpt_path"] = cluster.fit_ckpt_path(self.trainer, config.get("ckpt_path"))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -15,9 +15,9 @@ Lightning chooses the cluster environment from the launcher's variables: ``Torch
   runs the same command and Lightning resumes from the newest ``hpc_ckpt_<n>.ckpt`` when no ``--ckpt_path`` is
   given.
 - :class:`ClusterGuard`: a failed collective or rendezvous is explained (which rank, what probably happened, the
-  timeout). :func:`guard_sharded_resume`: a sharded (``fsdp2``) checkpoint directory given to a strategy that
-  reads single files (``ddp``, one device) is refused before anything is loaded; ``fsdp2`` resumes it on any
-  number of ranks.
+  timeout). :func:`fit_ckpt_path`: a sharded (``fsdp2``) checkpoint directory given to a strategy that reads
+  single files (``ddp``, one device) is refused before anything is loaded; ``fsdp2`` resumes it on any number of
+  ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ def configure(trainer: L.Trainer, collective_timeout: float | None = None) -> No
             raise ValueError(f"collective_timeout must be positive seconds, got {collective_timeout}.")
         if hasattr(trainer.strategy, "_timeout"):  # DDP, FSDP2 (ModelParallel), FSDP1; one device has none
             trainer.strategy._timeout = timedelta(seconds=collective_timeout)
-    guard_sharded_resume(trainer.strategy)
     callbacks: list[Callback] = [ClusterGuard()]
     environment = trainer._accelerator_connector.cluster_environment
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
@@ -173,22 +172,18 @@ class ClusterGuard(Callback):
             log.error(message)
 
 
-def guard_sharded_resume(strategy: Strategy) -> None:
-    """Make ``strategy`` refuse a sharded checkpoint directory it cannot load, before loading anything.
+def fit_ckpt_path(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
+    """The checkpoint ``cornstarch fit`` resumes from: :func:`requeued_resume_path`, checked by
+    :func:`refuse_sharded` against the strategy.
 
     ``fsdp2`` (and ``fsdp1``) load a sharded directory on any number of ranks: torch's distributed checkpoint
     redistributes the shards of the model and the optimizer. Other strategies (``ddp``, one device) read one file;
     given a directory they would fail deep inside ``torch.load``.
     """
-    if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
-        return
-    load = strategy.load_checkpoint
-
-    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        refuse_sharded(checkpoint_path, type(strategy).__name__)
-        return load(checkpoint_path, *args, **kwargs)
-
-    strategy.load_checkpoint = load_checkpoint
+    ckpt_path = requeued_resume_path(trainer, ckpt_path)
+    if ckpt_path is not None and not isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+        refuse_sharded(ckpt_path, type(trainer.strategy).__name__)
+    return ckpt_path
 
 
 def refuse_sharded(path: str | os.PathLike, strategy: str) -> None:
