@@ -9,11 +9,11 @@ Lightning chooses the cluster environment from the launcher's variables: ``Torch
   the rank fails; Lightning's default is 30 minutes. A rank whose peer died or hangs then exits with an error
   within this time instead of waiting.
 - Under SLURM with auto-requeue (``SLURMEnvironment``'s default): :class:`SlurmRequeue`. On the requeue signal
-  (``SIGUSR1``; ``#SBATCH --signal=USR1@90`` asks SLURM to send it before the time limit) every rank finishes its
-  step, the ranks agree, a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` is saved, rank 0 runs
-  ``scontrol requeue $SLURM_JOB_ID`` and the run stops (exit status 128 + the signal's number). The requeued job
-  runs the same command and Lightning resumes from the newest ``hpc_ckpt_<n>.ckpt`` when no ``--ckpt_path`` is
-  given.
+  (``SIGUSR1``; ``#SBATCH --signal=USR1@180`` asks SLURM to send it before the time limit) every rank finishes its
+  optimizer step, the ranks agree, a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` is saved, rank 0 runs
+  ``scontrol requeue $SLURM_JOB_ID`` and the command stops (:func:`finish`: exit status 128 + the signal's
+  number). The requeued job runs the same command and resumes without a ``--ckpt_path``
+  (:func:`requeued_resume_path`).
 - :class:`ClusterGuard`: a failed collective or rendezvous is explained (which rank, what probably happened, the
   timeout). :func:`fit_ckpt_path`: a sharded (``fsdp2``) checkpoint directory given to a strategy that reads
   single files (``ddp``, one device) is refused before anything is loaded; ``fsdp2`` resumes it on any number of
