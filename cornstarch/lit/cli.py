@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import MultimodalDataModule
+from . import cluster
 from .checkpointing import (AtomicCheckpointIO, Checkpoint, CheckpointError, NonFiniteGuard, StopOnSignal,
                             atomic_path, read_checkpoint)
 from .module import MultimodalLitModule
@@ -57,10 +58,15 @@ class CornstarchTrainer(L.Trainer):
     and :class:`~cornstarch.lit.checkpointing.NonFiniteGuard` are added unless given; a
     :class:`~cornstarch.lit.checkpointing.Checkpoint` without ``dirpath`` writes to ``<default_root_dir>/checkpoints``;
     ``fit(ckpt_path="last")`` fails when there is no ``last.ckpt`` and ``ckpt_path="auto"`` resumes from it if
-    there is one.
+    there is one; the cluster settings of :mod:`cornstarch.lit.cluster` apply.
+
+    Args:
+        collective_timeout: seconds a collective (or joining the process group) may wait before the rank fails
+            with an error (Lightning's default: 30 minutes); for ``ddp``, ``fsdp2`` and ``fsdp1``.
+        callbacks, *args, **kwargs: ``lightning.Trainer``'s.
     """
 
-    def __init__(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, callbacks: Any = None, collective_timeout: float | None = None, **kwargs: Any):
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [] if callbacks is None else [callbacks]
         callbacks = list(callbacks)
@@ -71,6 +77,7 @@ class CornstarchTrainer(L.Trainer):
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, Checkpoint):
                 callback.default_dirpath(self)
+        cluster.configure(self, collective_timeout)
 
     def save_checkpoint(self, filepath: Any, weights_only: bool | None = None, storage_options: Any = None) -> None:
         """``L.Trainer.save_checkpoint``, written under a temporary name next to ``filepath`` and renamed into place
@@ -179,21 +186,28 @@ class CornstarchCLI(LightningCLI):
         if ckpt and ckpt not in SPECIAL_CKPT and not os.path.exists(ckpt):
             raise FileNotFoundError(f"--ckpt_path {ckpt!r} does not exist.")
 
+    def before_fit(self) -> None:
+        # a requeued SLURM job resumes where it stopped, with the same command; an unreadable checkpoint is refused
+        config = self.config_init["fit"]
+        config["ckpt_path"] = cluster.fit_ckpt_path(self.trainer, config.get("ckpt_path"))
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``cornstarch`` console script.
 
     Raises:
-        SystemExit: with ``128 + signal number`` (SIGTERM 143, SIGINT 130) after a signal stopped training and
-            ``last.ckpt`` was saved, so a preempted run never exits 0.
+        SystemExit: with ``128 + signal number`` after a signal stopped training and a checkpoint was saved
+            (SIGTERM 143, SIGINT 130, SLURM's requeue signal), so a preempted run never exits 0.
     """
     try:
-        CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
-                      save_config_kwargs={"overwrite": True}, args=args)
+        cli = CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
+                            save_config_kwargs={"overwrite": True}, args=args)
     except (SystemExit, KeyboardInterrupt):
+        cluster.finish(None)
         if StopOnSignal.exit_code() is None:
             raise
         sys.exit(StopOnSignal.exit_code())
+    cluster.finish(cli.trainer)
 
 
 if __name__ == "__main__":
