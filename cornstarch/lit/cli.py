@@ -66,7 +66,8 @@ class CornstarchTrainer(L.Trainer):
         callbacks, *args, **kwargs: ``lightning.Trainer``'s.
     """
 
-    def __init__(self, *args: Any, callbacks: Any = None, collective_timeout: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, callbacks: list[L.Callback] | L.Callback | None = None,
+                 collective_timeout: float | None = None, **kwargs: Any):
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [] if callbacks is None else [callbacks]
         callbacks = list(callbacks)
