@@ -39,10 +39,9 @@ _ASSISTANT = "it is an assistant (draft) model that runs on its target model's s
 UNSUPPORTED: dict[str, str] = {
     "blt": _NEEDS_IDS + "it cuts its input into patches by the entropy of the next byte given the input ids",
     "deepseek_v4": _NEEDS_IDS + "its hash-routed MoE layers pick experts from the input ids",
-    "gemma4": _NEEDS_IDS + "it recovers them by matching inputs_embeds against its embedding matrix",
-    "gemma4_text": _NEEDS_IDS + "it recovers them by matching inputs_embeds against its embedding matrix",
-    "gemma4_assistant": _ASSISTANT,
-    "gemma4_unified_assistant": _ASSISTANT,
+    **dict.fromkeys(("gemma4", "gemma4_text"),
+                    _NEEDS_IDS + "it recovers them by matching inputs_embeds against its embedding matrix"),
+    **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"), _ASSISTANT),
     "git": "it is a captioning model whose loss skips the tokens of its own image encoder at the start of each "
            "sequence",
     "prophetnet": "its own loss scores n-gram streams of future tokens with label smoothing, not the next token",
@@ -156,9 +155,3 @@ def check_packing(language_model: nn.Module) -> None:
     reason = NO_PACKING.get(_model_type(model), "it does not build per-sample attention masks from position ids")
     raise ValueError(f"{type(model).__name__} cannot train on packed rows (position_ids without attention_mask): "
                      f"{reason}. Turn packing off for this language model.")
-
-
-def describe(language_model: Any) -> str:
-    """``ClassName (model_type)`` for messages."""
-    model = _base(language_model)
-    return f"{type(model).__name__} ({_model_type(model)})"

@@ -323,7 +323,8 @@ class MultimodalModel(TrainableComponents, SaveLoad, nn.Module):
                             lm_kwargs: dict[str, Any]) -> MultimodalCausalLMOutput:
         """The LM with its head and loss only at the flat ``positions``: the LM's own head on ``[1, n, hidden]``,
         or, with ``loss_chunk_size`` and a head :func:`.chunked_loss.fusable_head` accepts, the fused chunked
-        head and loss (no logits kept; ``predictions`` instead)."""
+        head and loss (no logits kept; ``predictions`` instead); plus the LM's router term (:meth:`router_loss`).
+        A family whose head is not handed ``[batch, seq, hidden]`` computes full logits, taken at ``positions``."""
         num_items = lm_kwargs.pop("num_items_in_batch", None)
         targets = next_token_targets(labels, positions)  # [1, n_supervised]
         fused = self._fused_head()
