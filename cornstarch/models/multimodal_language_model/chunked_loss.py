@@ -33,8 +33,8 @@ from torch import nn
 
 from ...batch import IGNORE_INDEX
 
-# model_types whose ``*ForCausalLM`` returns its output layer's result as the logits, unchanged (checked for every
-# causal LM of transformers by the test suite's sweep: the logits are the head's output tensor itself).
+# model_types whose ``*ForCausalLM`` returns its output layer's result as the logits, unchanged (the test suite's
+# sweep over transformers' causal LMs checks the fused loss and gradients against the LM's own for each of them).
 PLAIN_HEADS = frozenset({
     "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bailing_hybrid", "bamba", "bart",
     "bert", "bert-generation", "big_bird", "bigbird_pegasus", "biogpt", "bitnet", "blenderbot", "blenderbot-small",

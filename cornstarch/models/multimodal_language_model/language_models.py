@@ -87,6 +87,9 @@ def unsupported_reason(language_model: nn.Module) -> str | None:
 
     Args:
         language_model: a Hugging Face causal LM (or a ``peft`` model wrapping one).
+
+    Returns:
+        A sentence naming the obstacle, or None.
     """
     model = _base(language_model)
     config = getattr(model, "config", None)
@@ -108,6 +111,9 @@ def unsupported_reason(language_model: nn.Module) -> str | None:
 def check_language_model(language_model: nn.Module) -> None:
     """Refuse a language model a ``MultimodalModel`` cannot drive.
 
+    Args:
+        language_model: the LM (or a ``peft`` model wrapping one).
+
     Raises:
         ValueError: naming the LM's class and the reason (see :func:`unsupported_reason`).
     """
@@ -122,6 +128,13 @@ def labels_for(language_model: nn.Module, labels: Any) -> Any:
     as they are for the families that shift them inside, shifted by one (:func:`cornstarch.batch.next_labels`) for
     those in :data:`UNSHIFTED_LABELS`.
 
+    Args:
+        language_model: the LM (or a ``peft`` model wrapping one).
+        labels: ``[batch, seq]`` labels aligned with the input ids, or None.
+
+    Returns:
+        The labels for the LM's forward (None for None).
+
     >>> from types import SimpleNamespace
     >>> bart = SimpleNamespace(config=SimpleNamespace(model_type="bart"))
     >>> labels_for(bart, torch.tensor([[-100, 5, 6]])).tolist()
@@ -133,9 +146,16 @@ def labels_for(language_model: nn.Module, labels: Any) -> Any:
 
 
 def supports_packing(language_model: nn.Module) -> bool:
-    """Whether packed rows give each sample the loss it has alone: the LM's decoder builds its attention masks with
-    transformers' mask builders (which read sample boundaries from restarting position ids) and the family is not
-    in :data:`NO_PACKING` (layers with state across tokens: recurrent, convolutional or linear attention)."""
+    """Whether packed rows give each sample the loss it has alone.
+
+    Args:
+        language_model: the LM (or a ``peft`` model wrapping one).
+
+    Returns:
+        True if its modeling code builds attention masks with transformers' mask builders (which read sample
+        boundaries from restarting position ids) and its family is not in :data:`NO_PACKING` (masks built without
+        the position ids, or layers with state across tokens: recurrent, convolutional, linear attention).
+    """
     model = _base(language_model)
     if _model_type(model) in NO_PACKING:
         return False
@@ -145,6 +165,9 @@ def supports_packing(language_model: nn.Module) -> bool:
 
 def check_packing(language_model: nn.Module) -> None:
     """Refuse packed rows for an LM that would let samples attend to each other.
+
+    Args:
+        language_model: the LM (or a ``peft`` model wrapping one).
 
     Raises:
         ValueError: naming the LM's class and the reason, unless :func:`supports_packing`.

@@ -26,8 +26,8 @@ from torch import nn
 COEFFICIENT_ATTRIBUTES = ("router_aux_loss_coef", "aux_loss_coef")
 # Config attributes naming how many experts each token is routed to.
 TOP_K_ATTRIBUTES = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k")
-# model_type → config attribute of a loss term the LM computes over the logits of every position (not only the
-# supervised ones); while it is nonzero, training takes the LM's own full-logits forward.
+# model_type → attribute (on the LM, else its config) of a loss term's weight the LM computes over the logits of every
+# position (not only the supervised ones); while it is nonzero, training takes the LM's own full-logits forward.
 FULL_LOGITS_TERMS: dict[str, str] = {"bamba": "z_loss_coefficient"}
 
 
@@ -80,14 +80,28 @@ def router_loss(language_model: nn.Module, output: Any) -> torch.Tensor | None:
 
 
 def needs_full_logits(language_model: nn.Module) -> bool:
-    """True if the LM's loss has a term over the logits of every position (see :data:`FULL_LOGITS_TERMS`)."""
-    config = getattr(_base(language_model), "config", None)
+    """True if the LM's loss has a term over the logits of every position (see :data:`FULL_LOGITS_TERMS`).
+
+    Args:
+        language_model: the LM (or a ``peft`` model wrapping one).
+    """
+    model = _base(language_model)
+    config = getattr(model, "config", None)
     attribute = FULL_LOGITS_TERMS.get(getattr(config, "model_type", None))
-    return bool(attribute and getattr(config, attribute, 0))
+    if attribute is None:
+        return False
+    return bool(getattr(model, attribute, getattr(config, attribute, 0)))  # the value the LM's forward reads
 
 
 def router_top_k(config: Any) -> int | None:
-    """Experts per token from a MoE config (``num_experts_per_tok`` or a family's name for it); None if unknown."""
+    """Experts per token from a MoE config (``num_experts_per_tok`` or a family's name for it).
+
+    Args:
+        config: the LM's config (its ``text_config`` is looked at too).
+
+    Returns:
+        The count, or None if the config names none.
+    """
     for holder in (config, getattr(config, "text_config", None)):
         for name in TOP_K_ATTRIBUTES:
             value = getattr(holder, name, None)

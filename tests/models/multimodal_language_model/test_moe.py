@@ -152,3 +152,24 @@ def test_expert_load_without_mask_counts_every_token():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0]])
     assert expert_load((logits, logits), top_k=2).tolist() == [0.25, 0.25, 0.25, 0.25]
     assert expert_load(None, top_k=2) is None
+
+
+def test_a_loss_term_over_every_logit_keeps_the_full_logits_path():
+    """Bamba's z-loss (mean squared log-sum-exp of every position's logits, padding included) needs all logits: with
+    it on, training takes the LM's own full-logits forward, whose loss includes it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests import sweep
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(sweep.tiny_config("bamba", z_loss_coefficient=0.5, vocab_size=tiny.VOCAB))
+    mllm = MultimodalModel({"vision": ModalEncoderModule(tiny.vision_model("clip"))}, lm)
+    mllm.set_modality_token_ids({"vision": TOKEN})
+    inputs = batch()
+    out = mllm.train()(**inputs)
+    assert getattr(out, "logits_positions", None) is None and out.logits.shape[:2] == inputs["input_ids"].shape
+    torch.testing.assert_close(out.loss, own_loss(mllm, inputs).loss)
+    lm.z_loss_coefficient = 0.0  # without it (the LM reads its attribute), logits only where supervised again
+    out = mllm(**inputs)
+    assert out.logits_positions is not None
+    torch.testing.assert_close(out.loss, own_loss(mllm, inputs).loss)
