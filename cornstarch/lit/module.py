@@ -266,14 +266,34 @@ class MultimodalLitModule(L.LightningModule):
         out = self.model(**inputs)
         correct, n = token_accuracy(out, inputs["labels"])
         batch_size = inputs["input_ids"].shape[0]
-        self.metrics[f"{split}_loss"].update(out.loss.detach(), weight=n)
-        self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)
+        router = self.model.router_loss(out)  # a MoE LM's router term, already part of out.loss
         loss, ranks = out.loss, world_size(self._trainer)
+        cross_entropy = loss if router is None else loss - router
+        self.metrics[f"{split}_loss"].update(cross_entropy.detach(), weight=n)  # perplexity: the LM term only
+        self.metrics[f"{split}_acc"].update(correct / n.clamp(min=1), weight=n)
         if split == "train" and ranks > 1:
-            loss = self._global_token_mean(loss, n, ranks)
+            loss = self._global_token_mean(cross_entropy, n, ranks) + (0 if router is None else router)
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=split != "train",
                  batch_size=batch_size, sync_dist=split != "train" or ranks > 1)
+        if router is not None:
+            self._log_router(split, out, inputs.get("attention_mask"), batch_size, ranks)
         return loss
+
+    def _log_router(self, split: str, out: Any, attention_mask: torch.Tensor | None, batch_size: int,
+                    ranks: int) -> None:
+        """A MoE LM's router: its auxiliary loss (unscaled), and in training each expert's share of the routed
+        tokens (``{split}/expert_share/{e}``, averaged over MoE layers) and the busiest expert's share times the
+        number of experts (``expert_load_max``: 1 when balanced)."""
+        sync = split != "train" or ranks > 1
+        on_step = split == "train"
+        self.log(f"{split}/router_aux_loss", out.aux_loss.detach(), on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=sync)
+        share = self.model.expert_load(out, attention_mask) if split == "train" else None
+        if share is None:
+            return
+        values = {f"{split}/expert_share/{e}": v for e, v in enumerate(share)}
+        values[f"{split}/expert_load_max"] = share.max() * share.numel()
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=sync)
 
     def _global_token_mean(self, loss: torch.Tensor, n: torch.Tensor, ranks: int) -> torch.Tensor:
         """This rank's share of the mean loss over every rank's supervised tokens.
@@ -281,7 +301,8 @@ class MultimodalLitModule(L.LightningModule):
         DDP and FSDP average gradients over ranks, so each rank returns ``its token sum × ranks / all tokens``:
         the averaged gradient is the gradient of the global token mean, the one a single process computes on
         the whole global batch (a plain per-rank mean would weight a rank's tokens by its batch's token count).
-        The mean of the returned values over ranks is that global loss.
+        The mean of the returned values over ranks is that global loss. A MoE router term is not a token mean:
+        each rank's counts once, as when every rank computes the LM's own loss, so the caller adds it after this.
         """
         total = self.trainer.strategy.reduce(n.detach().to(loss.dtype).clone(), reduce_op="sum")
         return loss * (n * ranks / total)

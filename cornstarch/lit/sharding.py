@@ -2,6 +2,10 @@
 
 Units (each one all-gathers and reduce-scatters as a whole), innermost first:
 
+- a mixture-of-experts LM's experts, inside each decoder layer: the module holding a layer's expert weights
+  (``MixtralExperts``, …: a class named ``…Experts`` with its own forward, or each expert of an ``experts`` list),
+  so a layer's experts are gathered apart from its attention. Not where the family lists that class in its
+  ``_no_split_modules`` (it must stay in one piece there);
 - every encoder layer and LM decoder layer: the outermost modules whose class the part lists in its Hugging Face
   ``_no_split_modules`` (``CLIPEncoderLayer``, ``LlamaDecoderLayer``, … — also embeddings some families list);
 - each projector;
@@ -37,7 +41,7 @@ class Unit:
 
     name: str
     module: nn.Module
-    kind: str  # "layer" | "projector" | "encoder" | "split" | "root"
+    kind: str  # "experts" | "layer" | "projector" | "encoder" | "split" | "root"
 
 
 def no_split_classes(part: nn.Module) -> set[str]:
@@ -57,6 +61,23 @@ def _outermost(part: nn.Module, prefix: str, classes: set[str]) -> list[Unit]:
             continue
         if type(module).__name__ in classes:
             found.append(Unit(f"{prefix}.{name}", module, "layer"))
+            taken.append(name)
+    return found
+
+
+def _experts(layer: Unit, no_split: set[str]) -> list[Unit]:
+    """The expert-weight modules inside a decoder-layer unit (see the module docstring), outermost only."""
+    found: list[Unit] = []
+    taken: list[str] = []
+    for name, module in layer.module.named_modules():
+        if not name or any(name.startswith(t + ".") for t in taken) or type(module).__name__ in no_split:
+            continue
+        if type(module).__name__.endswith("Experts") and not isinstance(module, CONTAINERS):
+            found.append(Unit(f"{layer.name}.{name}", module, "experts"))
+            taken.append(name)
+        elif name.rpartition(".")[2] == "experts" and isinstance(module, nn.ModuleList):
+            found += [Unit(f"{layer.name}.{name}.{i}", expert, "experts") for i, expert in enumerate(module)
+                      if next(expert.parameters(), None) is not None]
             taken.append(name)
     return found
 
@@ -108,7 +129,9 @@ def wrap_units(model: nn.Module, root: bool = True) -> list[Unit]:
     for key, encoder in model.encoders.items():
         units += _outermost(encoder.module, f"{key}_encoder.module", no_split_classes(encoder.module))
         units.append(Unit(f"{key}_encoder.projector", encoder.projector, "projector"))
-    units += _outermost(model.language_model, "language_model", no_split_classes(model.language_model))
+    lm_no_split = no_split_classes(model.language_model)
+    for layer in _outermost(model.language_model, "language_model", lm_no_split):
+        units += _experts(layer, lm_no_split) + [layer]
     for key, encoder in model.encoders.items():
         units.append(Unit(f"{key}_encoder", encoder, "encoder"))
     if root:

@@ -25,7 +25,8 @@ def dummy_inputs(encoder: nn.Module) -> dict[str, Any]:
 
     Variable-resolution towers get one smallest image in their processor's form
     (:func:`cornstarch.models.dynamic_resolution.placeholder_item`); other vision towers with
-    ``image_size``/``num_channels`` get ``pixel_values [1, channels, size, size]``; audio
+    ``image_size``/``num_channels`` get ``pixel_values [1, channels, size, size]`` (video towers with
+    ``num_frames``: ``[1, frames, channels, size, size]``); audio
     encoders with ``num_mel_bins``/``max_source_positions`` (Whisper, Qwen2-Audio) get
     ``input_features [1, mel_bins, 2 * max_source_positions]``. Values are zeros, on the encoder's device and
     floating dtype.
@@ -60,10 +61,14 @@ def dummy_inputs(encoder: nn.Module) -> dict[str, Any]:
     if placeholder is not None:
         return placeholder
     image_size = getattr(config, "image_size", None)
-    if "pixel_values" in names and image_size is not None:
+    video = next((n for n in ("pixel_values_videos",) if n in names), None)
+    if ("pixel_values" in names or video) and image_size is not None:
         h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-        channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.zeros(1, channels, h, w, device=device, dtype=dtype)}
+        shape = (getattr(config, "num_channels", 3), h, w)
+        frames = getattr(config, "num_frames", None)
+        if frames:  # a video tower: [1, frames, channels, h, w]
+            shape = (frames, *shape)
+        return {video or "pixel_values": torch.zeros(1, *shape, device=device, dtype=dtype)}
     mel_bins, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
     if "input_features" in names and mel_bins is not None and positions is not None:
         return {"input_features": torch.zeros(1, mel_bins, 2 * positions, device=device, dtype=dtype)}

@@ -42,10 +42,18 @@ LORA_SCHEDULE = [Stage(train=["vision.projector"], start=0, name="align"),
                  Stage(train=["vision.projector", "lora"], start=TRANSITION, name="adapters")]
 
 
+# A tiny Mixtral as the YAML of an experiment gives it (``model.language_model``): router loss on, its coefficient set.
+MIXTRAL = PartSpec("transformers.MixtralForCausalLM",
+                   config=dict(vocab_size=600, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                               router_aux_loss_coef=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
 def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: bool = False,
-                loss_chunk_size: int | None = None) -> MultimodalLitModule:
+                loss_chunk_size: int | None = None, lm: str = "llama") -> MultimodalLitModule:
     """Tiny CLIP-style tower (features from layer -2, CLS dropped: its last layer and post_layernorm are unused) +
-    tiny Llama with tied embeddings."""
+    tiny Llama with tied embeddings (or, ``lm="mixtral"``, :data:`MIXTRAL`)."""
     vision = EncoderSpec(
         model=PartSpec("transformers.CLIPVisionModel",
                        config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
@@ -56,12 +64,13 @@ def make_module(layers: int = 2, gradient_checkpointing: bool = False, lora: boo
         preprocess_callback="cornstarch.models.feature_selection:request_hidden_states",
         postprocess_module_callback="cornstarch.models.feature_selection:penultimate_layer_without_cls",
     )
-    lm = PartSpec("transformers.LlamaForCausalLM",
-                  config=dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                              tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    llama = PartSpec("transformers.LlamaForCausalLM",
+                     config=dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return MultimodalLitModule(
-        encoders={"vision": vision}, language_model=lm, tokenizer="cornstarch.demo:demo_tokenizer",
+        encoders={"vision": vision}, language_model=MIXTRAL if lm == "mixtral" else llama,
+        tokenizer="cornstarch.demo:demo_tokenizer",
         projector_type="mlp", gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
         freeze_schedule=LORA_SCHEDULE if lora else SCHEDULE, lora=LoraSpec(r=2) if lora else None,
         optimizer=OptimizerConfig(lr=1e-3, lr_groups={"language_model": 5e-4}, warmup_steps=1, schedule="cosine"))
@@ -95,14 +104,34 @@ def full_state(pl_module, optimizer) -> dict:
 
 
 class Recorder(Callback):
-    def __init__(self, record_state: bool = False):
+    def __init__(self, record_state: bool = False, own_loss: bool = False):
         self.steps: list[dict] = []
         self.record_state = record_state
         self.states: list[dict] = []
+        self.own_loss = own_loss
+        self._before: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """With ``own_loss``: this rank's training-path loss, its router term and supervised tokens, and the LM's own
+        full-logits loss on the same batch, before the step (every rank runs the same forwards)."""
+        if not self.own_loss:
+            return
+        model = pl_module.model
+        inputs, _ = pl_module._split(batch)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            ours = model(**inputs)
+            model.supervised_logits_only = False
+            torch.manual_seed(0)
+            own = model(**inputs)
+            model.supervised_logits_only = True
+        router = model.router_loss(ours)
+        self._before = {"ours": float(ours.loss), "own": float(own.loss), "router": float(router),
+                        "tokens": int((inputs["labels"][:, 1:] != -100).sum())}
 
     def on_after_backward(self, trainer, pl_module):
         frozen = [p for p in pl_module.model.parameters() if not p.requires_grad]
-        self.steps.append({"step": trainer.global_step, "stage": pl_module.stage_index,
+        self.steps.append({**self._before, "step": trainer.global_step, "stage": pl_module.stage_index,
                            "frozen_grads_none": all(p.grad is None for p in frozen), "n_frozen": len(frozen)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -139,14 +168,16 @@ def run(config: dict) -> dict:
     Config keys: ``out``, ``batch_size`` (per rank), ``steps``; optional ``strategy``, ``devices``, ``n_train``,
     ``text_only_step`` (rank 1 of 2 with per-rank batch ``text_only_batch`` has no image at this step),
     ``checkpoint_every``, ``resume``, ``limit_val_batches``, ``gradient_checkpointing``, ``lora``,
-    ``loss_chunk_size``, ``record_state``, ``data`` (more ``MultimodalDataModule`` arguments, e.g. packing),
-    ``train_shards`` (train on the shards in this folder instead).
+    ``loss_chunk_size``, ``record_state``, ``lm`` (``"mixtral"``: the MoE LM, and each step records the LM's own
+    loss too), ``data`` (more ``MultimodalDataModule`` arguments, e.g. packing), ``train_shards`` (train on the
+    shards in this folder instead).
     """
     L.seed_everything(0, verbose=False)
     strategy = config.get("strategy", "auto")
     devices = config.get("devices", 1)
     module = make_module(gradient_checkpointing=config.get("gradient_checkpointing", False),
-                         lora=config.get("lora", False), loss_chunk_size=config.get("loss_chunk_size"))
+                         lora=config.get("lora", False), loss_chunk_size=config.get("loss_chunk_size"),
+                         lm=config.get("lm", "llama"))
     n_train = config.get("n_train", 16)
     text_only = ([] if config.get("text_only_step") is None else
                  rank1_rows(config["text_only_step"], config["text_only_batch"], n_train))
@@ -155,7 +186,7 @@ def run(config: dict) -> dict:
     data = MultimodalDataModule(train=train,
                                 val=digits_vlm_dataset("validation", image_size=8, n=8),
                                 batch_size=config["batch_size"], eval_batch_size=4, **config.get("data", {}))
-    recorder = Recorder(record_state=config.get("record_state", False))
+    recorder = Recorder(record_state=config.get("record_state", False), own_loss=config.get("lm") == "mixtral")
     callbacks = [recorder]
     out = Path(config["out"])
     if config.get("checkpoint_every"):  # saved after the step's batch (at an epoch's last batch: exact resume)

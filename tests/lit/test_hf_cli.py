@@ -11,13 +11,13 @@ import torch
 import transformers as tf
 import yaml
 
-from cornstarch.data.demo import build_tokenizer, digits_vlm_dataset
+from cornstarch.demo import demo_tokenizer, digits_vlm_dataset
 from cornstarch.lit.cli import main
 from cornstarch.lit.module import MultimodalLitModule
 from cornstarch.lit.optim import OptimizerConfig
 from cornstarch.lit.schedule import Stage
 
-DATASET = "cornstarch.data.demo:digits_vlm_dataset"
+DATASET = "cornstarch.demo:digits_vlm_dataset"
 SCHEDULE = [{"name": "align", "start": 0, "unit": "step", "train": ["vision.projector"]},
             {"name": "finetune", "start": 1, "unit": "step", "train": ["vision.projector", "language_model"]}]
 OPTIMIZER = {"lr": 1e-2, "schedule": "constant"}
@@ -25,7 +25,7 @@ OPTIMIZER = {"lr": 1e-2, "schedule": "constant"}
 
 def save_tiny_llava(directory: Path) -> None:
     """A Llava for the 8x8 digits (CLIP 2x2 patches, Llama) with its LlavaProcessor, as a hub checkpoint is."""
-    tokenizer = build_tokenizer(directory / "demo_tokenizer")  # the demo's 600-token BPE and chat template
+    tokenizer = demo_tokenizer(directory / "demo_tokenizer")  # the demo's 600-token BPE and chat template
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def test_import_fit_export_hf_and_reload_with_auto_classes(tmp_path, monkeypatch
 def test_from_hf_is_instead_of_the_parts(tmp_path):
     with pytest.raises(ValueError, match=r"from_hf imports the encoders, language model and tokenizer; do not list "
                                          r"\['tokenizer'\]"):
-        MultimodalLitModule(from_hf=str(tmp_path), tokenizer="cornstarch.data.demo:build_tokenizer")
+        MultimodalLitModule(from_hf=str(tmp_path), tokenizer="cornstarch.demo:demo_tokenizer")
     with pytest.raises(ValueError, match=r"Give \['encoders', 'language_model'\] \(or from_hf"):
-        MultimodalLitModule(tokenizer="cornstarch.data.demo:build_tokenizer")
+        MultimodalLitModule(tokenizer="cornstarch.demo:demo_tokenizer")
     with pytest.raises(FileNotFoundError, match=r"from_hf: path '/nonexistent/llava' does not exist"):
         MultimodalLitModule(from_hf="/nonexistent/llava")

@@ -547,3 +547,52 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path):
         CornstarchTrainer(logger=False).export(again, output_dir=str(tmp_path / "exported"))
         merged = MultimodalModel.from_pretrained(tmp_path / "exported").eval()
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- 7. MoE from YAML
+MIXTRAL_YAML = """
+class_path: transformers.MixtralForCausalLM
+config:
+  vocab_size: 600
+  hidden_size: 32
+  intermediate_size: 32
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  num_local_experts: 4
+  num_experts_per_tok: 2
+  output_router_logits: true      # return the router logits: the router loss joins the training loss
+  router_aux_loss_coef: 0.02      # its weight
+  max_position_embeddings: 128
+  pad_token_id: 0
+  bos_token_id: 1
+  eos_token_id: 2
+"""
+
+
+def test_moe_router_loss_coefficient_from_yaml_and_router_load_logged(tmp_path, monkeypatch):
+    """A Mixtral LM set up in the experiment YAML (``output_router_logits``, ``router_aux_loss_coef``) trains with
+    that coefficient; the router's loss and per-expert token shares are logged each step; perplexity uses the
+    cross-entropy alone."""
+    from cornstarch.lit.cli import CornstarchCLI, CornstarchTrainer
+
+    monkeypatch.chdir(tmp_path)
+    path = _tiny_config(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["language_model"] = yaml.safe_load(MIXTRAL_YAML)
+    config = {k: v for k, v in config.items() if k in ("seed_everything", "model", "data", "trainer")}
+    path.write_text(yaml.safe_dump(config))
+    small = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+             "--trainer.log_every_n_steps", "1", "--data.train.kwargs.n", "16", "--data.val.kwargs.n", "8",
+             "--data.batch_size", "8", "--data.eval_batch_size", "8", "--trainer.val_check_interval", "2"]
+    cli = CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
+                        args=["--config", str(path), *small], run=False)
+    lm = cli.model.model.language_model
+    assert type(lm).__name__ == "MixtralForCausalLM" and lm.router_aux_loss_coef == 0.02
+    cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    shares = [float(metrics[f"train/expert_share/{e}"]) for e in range(4)]
+    assert abs(sum(shares) - 1) < 1e-5 and float(metrics["train/expert_load_max"]) >= 1
+    assert float(metrics["train/router_aux_loss"]) > 1 and float(metrics["val/router_aux_loss"]) > 1
+    # one validation batch: val/loss includes the router term, val/epoch_loss (and the perplexity) does not
+    torch.testing.assert_close(metrics["val/loss"] - metrics["val/epoch_loss"], 0.02 * metrics["val/router_aux_loss"])

@@ -187,3 +187,17 @@ def test_encode_absent_keeps_outputs_and_gives_zero_gradients():
         model.encode_absent = False
         b = model(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_moe_experts_get_their_own_units():
+    """A Mixtral's experts (one fused module per decoder layer) are units of their own inside their layer's unit."""
+    from tests.models.multimodal_language_model import test_moe
+
+    model = test_moe.model("mixtral")
+    units = wrap_units(model)
+    experts = [u.name for u in units if u.kind == "experts"]
+    assert experts == [f"language_model.model.layers.{i}.mlp.experts" for i in range(2)]
+    names = [u.name for u in units]
+    for i in range(2):  # innermost first: the experts, then their layer
+        assert names.index(f"language_model.model.layers.{i}.mlp.experts") < names.index(f"language_model.model.layers.{i}")
+    assert all(len(c) == 1 for c in unit_components(model, units).values())

@@ -8,8 +8,10 @@ the hidden states' gradient chunk by chunk, the head's weight gradient accumulat
 scales them by the incoming gradient. Same FLOPs as the unfused head (three GEMMs), memory ``O(chunk_size × vocab)``.
 
 Only for heads that are a plain ``nn.Linear`` followed by nothing but an optional logit soft-capping
-(``tanh(z / cap) · cap``, Gemma 2): :func:`fusable_head` says which language models qualify; others keep the LM's
-own head (:class:`.supervised_loss.HiddenStatesAt`).
+(``tanh(z / cap) · cap``, Gemma 2): :func:`fusable_head` says which language models qualify (most of transformers'
+causal LMs); others (logit scaling: Granite, Cohere, Falcon-H1) keep the LM's own head
+(:class:`.supervised_loss.HiddenStatesAt`). The head's input is taken where the LM hands it to its head, so what a
+family applies to its hidden states before the head (MiniCPM's width scaling) is included.
 
 >>> _ = torch.manual_seed(0)
 >>> head = nn.Linear(8, 50, bias=False)
@@ -31,12 +33,36 @@ from torch import nn
 
 from ...batch import IGNORE_INDEX
 
-# model_type → the name of the config attribute holding the final logit soft-capping (None: no soft-capping).
-# Each of these ``*ForCausalLM`` computes ``lm_head(decoder(...).last_hidden_state)`` and then only soft-caps.
-FUSABLE_FAMILIES: dict[str, str | None] = {
-    "llama": None, "mistral": None, "qwen2": None, "qwen3": None, "gemma": None, "phi3": None, "gpt2": None,
-    "gemma2": "final_logit_softcapping",
+# model_types whose ``*ForCausalLM`` returns its output layer's result as the logits, unchanged (the test suite's
+# sweep over transformers' causal LMs checks the fused loss and gradients against the LM's own for each of them).
+PLAIN_HEADS = frozenset({
+    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bailing_hybrid", "bamba", "bart",
+    "bert", "bert-generation", "big_bird", "bigbird_pegasus", "biogpt", "bitnet", "blenderbot", "blenderbot-small",
+    "bloom", "camembert", "codegen", "ctrl", "cwm", "data2vec-text", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "diffllama", "doge", "dots1", "electra", "emu3_text_model", "ernie", "ernie4_5", "ernie4_5_moe", "exaone",
+    "exaone4", "exaone_moe", "falcon", "falcon_mamba", "flex_olmo", "flint", "fuyu", "gemma", "gemma3", "glm", "glm4",
+    "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "got_ocr2", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+    "gpt_neox_japanese", "gpt_oss", "gptj", "helium", "hrm_text", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3",
+    "hy_v4", "internlm3", "iquestcoder", "jais2", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini",
+    "lfm2", "lfm2_moe", "lfm3", "llama", "llama4_text", "longcat_flash", "mamba", "mamba2", "marian", "mbart",
+    "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3", "minimax", "minimax_m2", "minimax_m3_vl_text",
+    "ministral", "ministral3", "mistral", "mixtral", "modernbert-decoder", "moshi", "moss_transcribe_diarize", "mpt",
+    "mvp", "nemotron", "nemotron_h", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe", "openai-gpt", "opt", "pegasus",
+    "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "rembert", "roberta", "roberta-prelayernorm",
+    "roc_bert", "roformer", "rwkv", "sarvam_mla", "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm",
+    "starcoder2", "trocr", "whisper", "xglm", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "youtu", "zamba",
+    "zamba2", "zaya",
+})
+# model_type → the config attribute holding the final logit soft-capping ``tanh(z / cap) · cap`` (None: none)
+# its ``*ForCausalLM`` applies to the head's output, and nothing else.
+SOFTCAPPED_HEADS: dict[str, str] = {
+    **dict.fromkeys(("beam", "gemma2", "gemma3_text", "gemma3n_text", "gemma4_unified_text", "gemma4_text",
+                     "nanochat", "vaultgemma"), "final_logit_softcapping"),
+    "xlstm": "output_logit_soft_cap",
 }
+# model_type → the soft-capping attribute (None: a plain head): the families :func:`chunked_head_loss` reproduces.
+FUSABLE_FAMILIES: dict[str, str | None] = {**dict.fromkeys(PLAIN_HEADS), **SOFTCAPPED_HEADS}
 
 
 def fusable_head(language_model: nn.Module) -> tuple[nn.Linear, float | None] | None:

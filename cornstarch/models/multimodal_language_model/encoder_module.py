@@ -25,7 +25,8 @@ LM_ARGUMENTS = frozenset(
 
 def hidden_size_of(config: Any) -> int:
     """The feature width a Hugging Face config declares: ``out_hidden_size`` (the output of a tower whose last
-    module changes the width, as Qwen2.5-VL's patch merger), else ``hidden_size``, ``d_model`` or ``n_embd``.
+    module changes the width, as Qwen2.5-VL's patch merger), else ``hidden_size``, ``d_model`` or ``n_embd``, else
+    the last stage's width ``hidden_sizes[-1]`` (convolutional backbones).
 
     Raises:
         ValueError: if the config has none of them.
@@ -38,12 +39,53 @@ def hidden_size_of(config: Any) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"Cannot tell the hidden size of {type(config).__name__}: it has no hidden_size/d_model/n_embd.")
+    stages = getattr(config, "hidden_sizes", None)
+    if isinstance(stages, (list, tuple)) and stages and isinstance(stages[-1], int):
+        return stages[-1]
+    raise ValueError(f"Cannot tell the hidden size of {type(config).__name__}: it has no hidden_size/d_model/n_embd/"
+                     "hidden_sizes.")
+
+
+# model_type → why that family's model cannot be a modality encoder (what only shows when it runs; found by the
+# test suite's sweep over transformers' vision and audio classes).
+UNSUPPORTED_ENCODERS: dict[str, str] = {
+    "imagegpt": "it reads images as colour-cluster token ids (input_ids), an argument MultimodalModel keeps for the "
+                "language model",
+}
+
+
+def unsupported_encoder_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be a modality encoder, or None if it can (or is not a Hugging Face model).
+
+    >>> from transformers import WhisperConfig, WhisperModel
+    >>> whisper = WhisperModel(WhisperConfig(d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+    ...                                      decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8))
+    >>> unsupported_encoder_reason(whisper)
+    'it is an encoder-decoder model: give its encoder, model.get_encoder()'
+    >>> unsupported_encoder_reason(whisper.get_encoder()) is None
+    True
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_encoder = getattr(model, "get_encoder", None)
+    if getattr(config, "is_encoder_decoder", False) and callable(get_encoder) and get_encoder() is not model:
+        return "it is an encoder-decoder model: give its encoder, model.get_encoder()"
+    return UNSUPPORTED_ENCODERS.get(getattr(config, "model_type", None))
 
 
 def _first(output: Any) -> Any:
     """Element 0 of an encoder output (a ``ModelOutput``, tuple or list), or the output itself if a tensor."""
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _as_tokens(output: Any) -> Any:
+    """``output`` with a convolutional feature map ``[n_items, channels, height, width]`` as element 0 turned into
+    tokens ``[n_items, height * width, channels]`` (row-major); other outputs as they are."""
+    first = _first(output)
+    if isinstance(first, torch.Tensor) and first.dim() == 4:
+        return _replace_first(output, first.flatten(2).transpose(1, 2))
+    return output
 
 
 def _replace_first(output: Any, value: Any) -> Any:
@@ -69,7 +111,9 @@ class ModalEncoderModule(nn.Module):
     Order: ``preprocess_callback(inputs) -> inputs`` → ``module(**inputs)`` →
     ``postprocess_module_callback(inputs, output) -> output`` → ``projector(output[0])`` →
     ``postprocess_projector_callback(inputs, output) -> output``. The features merged into the LLM are element 0
-    of the last output, flattened to ``[n_features, llm_hidden]``.
+    of the last output, flattened to ``[n_features, llm_hidden]``. A convolutional backbone's feature map
+    ``[n_items, channels, height, width]`` (ConvNeXt, ResNet, …) reaches the callbacks as tokens
+    ``[n_items, height * width, channels]``.
 
     Every key the preprocess callback returns that the encoder's ``forward`` names, or that the callback added,
     reaches the encoder as a keyword argument; other keys (e.g. ``image_sizes`` for a callback) stay visible to
@@ -96,8 +140,9 @@ class ModalEncoderModule(nn.Module):
             element 0 of the encoder output the callbacks see. ``None``: the encoder's output as is.
 
     Raises:
-        ValueError: if no encoder module is given, ``model`` and ``module`` disagree, or ``feature_layer`` does
-            not fit the encoder.
+        ValueError: if no encoder module is given, ``model`` and ``module`` disagree, the model cannot be an encoder
+            (an encoder-decoder, or a family in ``UNSUPPORTED_ENCODERS``: the message names its class and the
+            reason), or ``feature_layer`` does not fit the encoder.
 
     Llava's default selection (layer -2, CLS dropped), computing only the layers it needs:
 
@@ -127,6 +172,9 @@ class ModalEncoderModule(nn.Module):
         model = model if model is not None else module
         if not isinstance(model, nn.Module):
             raise ValueError(f"ModalEncoderModule needs an encoder nn.Module as model= (or module=), got {model!r}.")
+        reason = unsupported_encoder_reason(model)
+        if reason is not None:
+            raise ValueError(f"{type(model).__name__} cannot be a modality encoder: {reason}.")
         if projector is not None and not isinstance(projector, MultimodalProjector):
             if not isinstance(projector, nn.Module):
                 raise ValueError(f"projector must be a MultimodalProjector or nn.Module, got {type(projector).__name__}.")
@@ -137,6 +185,7 @@ class ModalEncoderModule(nn.Module):
             postprocess_module_callback = defaults.get("postprocess_module_callback")
         self.module = model
         self.projector = projector
+        self._hidden_size: int | None = None
         self.preprocess_callback = preprocess_callback
         self.postprocess_module_callback = postprocess_module_callback
         self.postprocess_projector_callback = postprocess_projector_callback
@@ -168,8 +217,53 @@ class ModalEncoderModule(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """The encoder's output width, from its config."""
-        return hidden_size_of(self.module.config)
+        """The encoder module's output width (before callbacks): from its config for the families with built-in
+        feature counts, otherwise measured once by running it on a placeholder item (:func:`cornstarch.models.dummy_inputs.dummy_inputs`),
+        since a backbone's config may name its inner width rather than that of its features (SAM's neck, a
+        CNN's last stage); from the config when no placeholder item can be built.
+
+        Raises:
+            ValueError: naming the encoder's class, when neither its config nor a run tells its width.
+        """
+        if self._hidden_size is None:
+            self._hidden_size = self._measured_width()
+        return self._hidden_size
+
+    def _measured_width(self) -> int:
+        from ..dummy_inputs import dummy_inputs
+        from ..feature_counts import BUILTIN_COUNTS
+
+        config = getattr(self.module, "config", None)
+        try:
+            declared = hidden_size_of(config)
+        except ValueError:
+            declared = None
+        if declared is not None and getattr(config, "model_type", None) in BUILTIN_COUNTS:
+            return declared
+        try:
+            item = dummy_inputs(self)
+        except ValueError:
+            item = None
+        if item is None:
+            if declared is None:
+                raise ValueError(f"{type(self.module).__name__} cannot be a modality encoder here: its config "
+                                 f"({type(config).__name__}) declares no feature width (hidden_size, d_model, n_embd "
+                                 "or hidden_sizes) and no placeholder item can be built to measure it; give its "
+                                 "vision or audio sub-model, or a projector sized for its features.")
+            return declared
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                output = self.module(**item)
+        except Exception:  # the placeholder does not suit this encoder (it wants other inputs): trust the config
+            if declared is None:
+                raise
+            return declared
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        return int(_first(_as_tokens(output)).shape[-1])  # before callbacks (one that widens needs its projector)
 
     def _needs_grad(self, kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
@@ -202,6 +296,7 @@ class ModalEncoderModule(nn.Module):
                 with LayerOutput(self.module.get_submodule(self._layers_path)[-1]) as selected:
                     output = self.module(**passed)
                 output = _replace_first(output, selected.value)  # the selected layer's raw output
+        output = _as_tokens(output)  # a backbone's feature map [items, channels, h, w] → [items, h * w, channels]
         if self.postprocess_module_callback is not None:
             output = self.postprocess_module_callback(inputs, output)
         output = _replace_first(output, self.projector(_first(output)))

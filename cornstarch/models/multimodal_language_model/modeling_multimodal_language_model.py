@@ -27,7 +27,9 @@ from .configuration_multimodal_language_model import MultimodalProjectorConfig, 
 from .encoder_module import LM_ARGUMENTS, ModalEncoderModule, hidden_size_of
 from .input_checks import (any_targets, check_distinct_token_ids, check_encoder_dtypes, check_text_inputs,
                            zero_loss_without_targets)
+from .language_models import check_language_model, check_packing, labels_for
 from .merging import merge_embeddings, modality_masks
+from .moe import expert_load, needs_full_logits, router_loss, router_top_k
 from .native import NativeInterop
 from .projector import MultimodalProjector
 from .saving import WEIGHTS_NAME, SaveLoad
@@ -53,10 +55,14 @@ class MultimodalCausalLMOutput(CausalLMOutputWithPast):
     (training with labels: only where the next token is supervised); None when ``logits`` covers every position.
     ``predictions``: ``[1, n]`` the argmax of each of those logits, given instead of ``logits`` (None) when the head
     and loss ran in chunks (``MultimodalModel.loss_chunk_size``).
+    ``aux_loss``, ``router_logits``: a mixture-of-experts LM's router load-balancing loss (unscaled; ``loss``
+    includes it scaled as the LM scales it) and its per-layer router logits, when the LM returns them.
     """
 
     logits_positions: torch.LongTensor | None = None
     predictions: torch.LongTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
@@ -65,13 +71,16 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
     Args:
         encoders: modality key (``"vision"``, ``"audio"``, …) → :class:`ModalEncoderModule`. Each is also the
             attribute ``{key}_encoder``.
-        language_model: a Hugging Face causal LM (``…ForCausalLM``).
+        language_model: a Hugging Face causal LM (``…ForCausalLM``) that takes ``inputs_embeds``
+            (:mod:`.language_models`).
         init_projector_type: ``"linear"`` or ``"mlp"``, for encoders given without a projector.
         init_activation: a key of ``transformers.activations.ACT2CLS``, for ``"mlp"``.
 
     Raises:
-        ValueError: for an encoder that is not a ``ModalEncoderModule``, a bad key, an unknown projector type or
-            activation, or a given projector whose sizes do not fit the encoder and the LLM.
+        ValueError: for a language model that cannot take merged embeddings (an encoder-decoder, no input
+            embeddings, …: the message names its class and the reason), an encoder that is not a
+            ``ModalEncoderModule``, a bad key, an unknown projector type or activation, or a given projector whose
+            sizes do not fit the encoder and the LLM.
 
     >>> from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     >>> clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
@@ -95,6 +104,7 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
     ):
         super().__init__()
         validate_projection(init_projector_type, init_activation)
+        check_language_model(language_model)
         if not isinstance(encoders, Mapping):
             raise ValueError(f"encoders must be a dict of modality key → ModalEncoderModule, got {type(encoders).__name__}.")
         self.language_model = language_model
@@ -272,7 +282,9 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
             input_ids: ``[batch, seq]`` with each modality's placeholder expanded to its feature count.
             attention_mask: ``[batch, seq]``, passed to the LM as is (left or right padding).
             labels: ``[batch, seq]``; positions of modality tokens are set to -100.
-            position_ids: passed to the LM.
+            position_ids: passed to the LM. Without ``attention_mask`` they mark packed rows (positions restart
+                per sample), refused for an LM that would let samples attend to each other
+                (:func:`.language_models.supports_packing`).
             inputs_embeds: precomputed embeddings (then no modality input may be given).
             encoder_inputs: explicit per-encoder inputs, e.g. ``{"vision": {"pixel_values": ...}}``.
             supervised_positions: flat positions whose next token is supervised (``supervised_loss.
@@ -287,9 +299,10 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
             supervised: a :class:`MultimodalCausalLMOutput` with ``logits`` ``[1, n_supervised, vocab]`` at the
             flat positions ``logits_positions``; the loss is the same. With ``loss_chunk_size`` set (tokens per
             chunk) the head and loss are fused and chunked (:mod:`.chunked_loss`): ``logits`` is None and
-            ``predictions`` ``[1, n_supervised]`` holds their argmax. A batch whose labels supervise no token
-            (all -100) has loss 0, with zero gradients, rather than NaN (and a warning when that is known without
-            waiting for the device).
+            ``predictions`` ``[1, n_supervised]`` holds their argmax. For a mixture-of-experts LM asked for its router
+            logits (``output_router_logits``) every path's ``loss`` includes the router loss, scaled as the LM
+            scales it (:meth:`router_loss`). A batch whose labels supervise no token (all -100) has loss 0, with
+            zero gradients, rather than NaN (and a warning when that is known without waiting for the device).
 
         Raises:
             ValueError: for an ``attention_mask`` or ``labels`` whose shape differs from ``input_ids``', integer
@@ -309,13 +322,15 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
         elif routed:
             raise ValueError("Give input_ids, not inputs_embeds, together with modality inputs.")
         if position_ids is not None:
+            if attention_mask is None:  # packed rows: samples separated by restarting positions only
+                check_packing(self.language_model)
             lm_kwargs["position_ids"] = position_ids
         if labels is not None:  # training: no KV cache to build (and packed rows need none to be detected)
             lm_kwargs.setdefault("use_cache", False)
         positions = self._supervised_positions(labels, supervised_positions)
         if positions is None:
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                                      **lm_kwargs)
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      labels=labels_for(self.language_model, labels), **lm_kwargs)
             return out if labels is None else zero_loss_without_targets(out, any_targets(labels))
         out = self._supervised_forward(inputs_embeds, attention_mask, labels, positions, lm_kwargs)
         return zero_loss_without_targets(out, positions.numel() > 0)
@@ -325,27 +340,62 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
                             lm_kwargs: dict[str, Any]) -> MultimodalCausalLMOutput:
         """The LM with its head and loss only at the flat ``positions``: the LM's own head on ``[1, n, hidden]``,
         or, with ``loss_chunk_size`` and a head :func:`.chunked_loss.fusable_head` accepts, the fused chunked
-        head and loss (no logits kept; ``predictions`` instead)."""
+        head and loss (no logits kept; ``predictions`` instead); plus the LM's router term (:meth:`router_loss`).
+        A family whose head is not handed ``[batch, seq, hidden]`` computes full logits, taken at ``positions``."""
         num_items = lm_kwargs.pop("num_items_in_batch", None)
         targets = next_token_targets(labels, positions)  # [1, n_supervised]
         fused = self._fused_head()
-        if fused is not None:
-            head, softcap = fused
-            out = self.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                    **lm_kwargs)
-            hidden = at_positions(out.last_hidden_state, positions)[0]  # [n_supervised, hidden]
-            loss, predictions = chunked_head_loss(hidden, head.weight, head.bias, targets[0], self.loss_chunk_size,
-                                                  softcap, num_items)
+        head = self.language_model.get_output_embeddings()
+        # The LM's own forward runs in both cases (so it computes its router loss, if any); only its head is
+        # given the supervised positions (or, fused, nothing: the chunked head runs outside it).
+        with HiddenStatesAt(head, positions, capture=fused is not None) as at:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
+        if fused is not None and at.fired:
+            loss, predictions = chunked_head_loss(at.selected[0], head.weight, head.bias, targets[0],
+                                                  self.loss_chunk_size, fused[1], num_items)
             logits, predictions = None, predictions[None]  # [1, n_supervised]
         else:
-            with HiddenStatesAt(self.language_model.get_decoder(), positions):
-                out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
-            # out.logits: [1, n_supervised, vocab], logits[0, j] predicting the token after flat position positions[j]
-            logits, predictions = out.logits, None
-            loss = causal_lm_loss(logits, targets, num_items)
+            # logits[0, j] predicts the token after flat position positions[j]: [1, n_supervised, vocab]
+            logits = out.logits if at.fired else at_positions(out.logits, positions)
+            loss, predictions = causal_lm_loss(logits, targets, num_items), None
+        extra = self.router_loss(out)
+        if extra is not None:  # what the LM adds to its own loss when given labels
+            loss = loss + extra.to(loss.device)
         return MultimodalCausalLMOutput(loss=loss, logits=logits, logits_positions=positions, predictions=predictions,
-                                        cache=getattr(out, "cache", None), hidden_states=out.hidden_states,
-                                        attentions=out.attentions)
+                                        cache=getattr(out, "cache", None),
+                                        hidden_states=getattr(out, "hidden_states", None),
+                                        attentions=getattr(out, "attentions", None),
+                                        aux_loss=getattr(out, "aux_loss", None),
+                                        router_logits=getattr(out, "router_logits", None))
+
+    def router_loss(self, output: Any) -> torch.Tensor | None:
+        """The mixture-of-experts router term of a forward's ``loss``: the LM's ``aux_loss`` scaled as the LM scales
+        it (``router_aux_loss_coef``); None for a dense LM or when router logits were not requested
+        (``output_router_logits``). Every training path includes it in ``loss``.
+
+        Args:
+            output: this model's forward output (any training path).
+
+        Raises:
+            ValueError: for a router loss from an LM without a known coefficient.
+        """
+        return router_loss(self.language_model, output)
+
+    def expert_load(self, output: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Each expert's share of the tokens a forward routed, averaged over MoE layers (:func:`.moe.expert_load`).
+
+        Args:
+            output: this model's forward output, with ``router_logits`` (``output_router_logits``).
+            attention_mask: the forward's ``[batch, seq]`` mask (padding is not counted); None: every token.
+
+        Returns:
+            ``[n_experts]`` shares summing to 1, or None for a dense LM, without router logits, or when the LM's
+            config names no experts-per-token count.
+        """
+        top_k = router_top_k(getattr(self.language_model, "config", None))
+        if top_k is None:
+            return None
+        return expert_load(getattr(output, "router_logits", None), top_k, attention_mask)
 
     def _fused_head(self) -> tuple[nn.Linear, float | None] | None:
         """The head for the chunked loss when ``loss_chunk_size`` is set; warns once if the LM's head does not
@@ -366,10 +416,14 @@ class MultimodalModel(TrainableComponents, SaveLoad, NativeInterop, nn.Module):
 
         Only in training with labels and ``supervised_logits_only``: then the ``supervised_positions`` the data
         layer computed on the CPU, or else positions derived from CPU labels. Labels already on an accelerator
-        without them take the full path, so that ``forward`` never waits for the device.
+        without them take the full path, so that ``forward`` never waits for the device. An LM whose loss has a
+        term over every position's logits (:data:`.moe.FULL_LOGITS_TERMS`), or without an output layer, takes the full
+        path too.
         """
         if labels is None or not (self.training and self.supervised_logits_only):
             return None
+        if needs_full_logits(self.language_model) or self.language_model.get_output_embeddings() is None:
+            return None  # a loss term over every position's logits, or no head to give only some positions
         if given is not None:
             return given
         return supervised_positions_of(labels) if labels.device.type == "cpu" else None

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 from transformers import AutoTokenizer, BatchFeature
 
-from ..feature_counts import FeatureCounter, flatten_counts
+from ..feature_counts import BUILTIN_COUNTS, FeatureCounter, flatten_counts
 from .import_paths import UNSERIALIZABLE, build_callback, callback_spec, import_path, resolve
 from .input_checks import check_distinct_token_ids
 from .placeholders import assign_items, count_placeholders, expand_placeholders
@@ -44,8 +44,9 @@ class MultimodalProcessor:
     Args:
         encoder_processors: modality key → that encoder's processor (image processor, feature extractor, …).
         llm_tokenizer: the LM's tokenizer.
-        model: the :class:`MultimodalModel`; gives the built-in feature counts (from each encoder's config and
-            callbacks) and receives the token ids.
+        model: the :class:`MultimodalModel`; gives the feature counts (built in from each encoder's config and
+            callbacks, or, for other families, measured by running the encoder on one item per input shape) and
+            receives the token ids.
         num_feature_calculation_funcs: modality key → ``fn(inputs, outputs) -> list[int] | list[list[int]]``
             (features per item, flat or per sample), overriding the built-in count.
         predefined_tokens: modality key → placeholder text, e.g. ``{"vision": "<image>"}``.
@@ -116,8 +117,8 @@ class MultimodalProcessor:
                     "config": encoder.module.config.to_dict(),
                     "callbacks": [callback_spec(cb) for cb in callbacks if cb is not None],
                 }
-                self.counters[key] = FeatureCounter(encoder.module.config, callbacks)
-            elif key in self._counter_specs:
+                self.counters[key] = FeatureCounter(encoder.module.config, callbacks, encoder=encoder)
+            elif key in self._counter_specs and not _measured(self._counter_specs[key]):
                 self.counters[key] = _counter_from_spec(self._counter_specs[key])
         if model is not None:
             model.set_modality_token_ids(self.token_ids)
@@ -419,6 +420,11 @@ class MultimodalProcessor:
             processors, AutoTokenizer.from_pretrained(path), model=model, num_feature_calculation_funcs=funcs,
             predefined_tokens={k: s["token"] for k, s in encoders.items()}, _counter_specs=specs,
         )
+
+
+def _measured(spec: Mapping[str, Any]) -> bool:
+    """Whether a saved counter spec is for a family counted by running its encoder (then a model is needed)."""
+    return resolve(spec["config_class"]).model_type not in BUILTIN_COUNTS
 
 
 def _counter_from_spec(spec: Mapping[str, Any]) -> FeatureCounter:

@@ -2,10 +2,10 @@
 
 A causal LM predicts token ``t + 1`` from position ``t``. In a multimodal batch most positions are prompt, modality
 or padding tokens whose labels are -100, yet a plain forward computes ``[batch, seq, vocab]`` logits for all of
-them, and their backward. Here the decoder's last hidden states are gathered at the supervised positions before
-the language model applies its own head (so each family's soft-capping or scaling still applies), giving logits
-``[1, n_supervised, vocab]``; the loss is the same mean cross-entropy over the same targets as transformers'
-``ForCausalLMLoss``.
+them, and their backward. Here the head's input (the decoder's last hidden states) is gathered at the supervised
+positions before the language model applies its own head (so each family's soft-capping or scaling still applies),
+giving logits ``[1, n_supervised, vocab]``; the loss is the same mean cross-entropy over the same targets as
+transformers' ``ForCausalLMLoss``.
 
 >>> labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 7]])
 >>> supervised_positions(labels)   # flat positions (row * seq + column) whose next token is supervised
@@ -44,28 +44,41 @@ def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 class HiddenStatesAt:
-    """Context manager: the language model's decoder returns its last hidden states only at ``positions``.
+    """Context manager: the language model's output layer (its head) sees its input only at ``positions``.
 
-    The ``*ForCausalLM`` then applies its head (and any soft-capping) to ``[1, n, hidden]`` instead of
-    ``[batch, seq, hidden]``.
+    A forward pre-hook on the head gathers its ``[batch, seq, hidden]`` input (the decoder's last hidden states,
+    after whatever the family applies to them before the head) at the flat ``positions``, so the
+    ``*ForCausalLM`` computes ``[1, n, vocab]`` logits instead of ``[batch, seq, vocab]`` (and applies any
+    soft-capping or scaling after its head as usual). With ``capture=True`` the selected states are kept in
+    ``selected`` and the head gets an empty ``[1, 0, hidden]`` slice: the LM's forward still runs whole (its router
+    loss included) but computes no logits, for a head applied outside it (:mod:`.chunked_loss`).
+
+    ``fired`` tells whether the head ran on a ``[batch, seq, hidden]`` input; when it did not (a family whose head
+    gets something else), the LM computed its logits at every position and nothing was selected.
 
     Args:
-        decoder: the LM's decoder (``language_model.get_decoder()``).
+        head: the LM's output layer (``language_model.get_output_embeddings()``).
         positions: ``[n]`` flat positions into ``[batch * seq]``.
+        capture: keep the states in ``selected``, hand the head none.
     """
 
-    def __init__(self, decoder: nn.Module, positions: torch.Tensor):
-        self.decoder, self.positions = decoder, positions
+    def __init__(self, head: nn.Module, positions: torch.Tensor, capture: bool = False):
+        self.head, self.positions, self.capture = head, positions, capture
+        self.selected: torch.Tensor | None = None
+        self.fired = False
 
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        selected = at_positions(output[0], self.positions)  # [batch, seq, hidden] -> [1, n, hidden]
-        if isinstance(output, tuple):
-            return (selected, *output[1:])
-        output["last_hidden_state"] = selected
-        return output
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        hidden = args[0] if args else kwargs.get("input")
+        if self.fired or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        self.fired = True
+        selected = at_positions(hidden, self.positions)  # [batch, seq, hidden] -> [1, n, hidden]
+        if self.capture:
+            self.selected, selected = selected, selected[:, :0]  # the head gets [1, 0, hidden]
+        return ((selected, *args[1:]), kwargs) if args else (args, {**kwargs, "input": selected})
 
     def __enter__(self) -> "HiddenStatesAt":
-        self._handle = self.decoder.register_forward_hook(self._hook)
+        self._handle = self.head.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
