@@ -109,7 +109,7 @@ def merge_embeddings(
         input_ids = input_ids.masked_fill(placeholder, 0)
         if labels is not None:
             labels = labels.masked_fill(placeholder, IGNORE_INDEX)
-    check_vocabulary(input_ids, getattr(embedding, "num_embeddings", None), token_ids)
+    check_vocabulary(input_ids, getattr(embedding, "num_embeddings", None), token_ids, exact=on_host(input_ids))
     embeds = embedding(input_ids)  # [batch, seq, hidden]
     for key, feats in features.items():
         if feats.shape[-1] != embeds.shape[-1]:
