@@ -33,7 +33,7 @@ def shards(tmp_path_factory) -> str:
 def test_ddp_streams_the_single_process_batches_and_resumes_bit_for_bit(tmp_path, shards):
     # per-rank batch 2 of 16 samples: 4 steps per epoch, so the resume at step 3 is mid-epoch, workers mid-shard
     config = {"batch_size": BATCH // 2, "steps": STEPS, "limit_val_batches": 0, "train_shards": shards, "data": DATA,
-              "strategy": "ddp", "checkpoint_every": 1}
+              "strategy": "ddp", "checkpoint_every": 1, "record_state": True}
     assert RESUME_STEP % 4
     one = dr.run({**config, "strategy": "auto", "checkpoint_every": None, "batch_size": BATCH,
                   "out": str(tmp_path / "single")})
