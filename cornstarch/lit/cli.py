@@ -28,8 +28,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..data.datamodule import MultimodalDataModule
 from . import cluster
-from .checkpointing import (AtomicCheckpointIO, Checkpoint, CheckpointError, NonFiniteGuard, StopOnSignal,
-                            atomic_path, read_checkpoint)
+from .checkpointing import AtomicCheckpointIO, Checkpoint, CheckpointError, atomic_path, read_checkpoint
+from .nonfinite import NonFiniteGuard
+from .signals import StopOnSignal
 from .module import MultimodalLitModule
 
 SPECIAL_CKPT = {"last", "auto", "best", "hpc", "registry"}
@@ -54,8 +55,8 @@ class CornstarchTrainer(L.Trainer):
     """A Lightning ``Trainer`` whose checkpoints are atomic, with ``export`` and strict resuming.
 
     Beyond ``L.Trainer``: every checkpoint is written under a temporary name in its directory and renamed into
-    place (:func:`~cornstarch.lit.checkpointing.atomic_path`); :class:`~cornstarch.lit.checkpointing.StopOnSignal`
-    and :class:`~cornstarch.lit.checkpointing.NonFiniteGuard` are added unless given; a
+    place (:func:`~cornstarch.lit.checkpointing.atomic_path`); :class:`~cornstarch.lit.signals.StopOnSignal`
+    and :class:`~cornstarch.lit.nonfinite.NonFiniteGuard` are added unless given; a
     :class:`~cornstarch.lit.checkpointing.Checkpoint` without ``dirpath`` writes to ``<default_root_dir>/checkpoints``;
     ``fit(ckpt_path="last")`` fails when there is no ``last.ckpt`` and ``ckpt_path="auto"`` resumes from it if
     there is one; the cluster settings of :mod:`cornstarch.lit.cluster` apply.

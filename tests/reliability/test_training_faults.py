@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from cornstarch.lit.checkpointing import Checkpoint, CheckpointError, NonFiniteError, NonFiniteGuard, read_checkpoint
+from cornstarch.lit.checkpointing import Checkpoint, CheckpointError, read_checkpoint
+from cornstarch.lit.nonfinite import NonFiniteError, NonFiniteGuard
 from cornstarch.lit.cli import CornstarchTrainer, load_model_state, main
 from cornstarch.lit.optim import OptimizerConfig
 

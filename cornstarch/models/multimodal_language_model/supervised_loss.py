@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...batch import IGNORE_INDEX, next_labels, supervised_positions
+from ...batch import IGNORE_INDEX, next_labels, supervised_positions  # noqa: F401  (re-exported)
 
 
 def next_token_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
