@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..batch import EVAL_KEYS, IGNORE_INDEX, INDEX_KEY
-from ..models.dynamic_resolution import PADDED_FAMILIES, cropped_images, item_rows, padded_images
+from ..batch import IGNORE_INDEX, INDEX_KEY
+from ..models.dynamic_resolution import padded_images
+from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COLUMNS, EncodedColumns, pad_tokens,
+                      padded_family, per_sample)
 from .conversation import render_segments, to_messages
 from .media import SampleError, SampleWarning, load_audio, load_image, sample_message
-
-ANSWERS, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = EVAL_KEYS  # the eval keys by name
 
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
@@ -81,44 +81,6 @@ def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
 
 
 LENGTH_BATCH = 64  # samples per processor call when measuring the lengths of variable-resolution items
-
-# Token and text columns of encoded samples; every other column holds processor outputs, one row per item.
-TEXT_COLUMNS = frozenset({"input_ids", "labels", PROMPT_INPUT_IDS, ANSWERS})
-
-
-class EncodedColumns:
-    """How :meth:`MultimodalCollator.pad` reads the columns of :meth:`MultimodalCollator.encode` (Python lists).
-
-    ``names(columns)``: the column names; ``tokens(column)``: all tokens in order and the length of each row;
-    ``items(column)``: all items concatenated, ``[items, ...]``; ``strings(column)``: a list of strings.
-    :class:`cornstarch.data.encoded.ArrowColumns` reads the same columns stored in Arrow.
-
-    >>> flat, lengths = EncodedColumns.tokens([[5, 6, 7], [8]])
-    >>> flat.tolist(), lengths.tolist()
-    ([5, 6, 7, 8], [3, 1])
-    """
-
-    @staticmethod
-    def names(columns: Mapping[str, Any]) -> list[str]:
-        return list(columns)
-
-    @staticmethod
-    def tokens(column: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """A column of token lists → (all tokens in order, length per row)."""
-        lengths = np.fromiter((len(row) for row in column), dtype=np.int64, count=len(column))
-        flat = (np.concatenate([np.asarray(row, dtype=np.int64) for row in column]) if len(column)
-                else np.zeros(0, np.int64))
-        return flat, lengths
-
-    @staticmethod
-    def items(column: Sequence[np.ndarray]) -> np.ndarray:
-        """A column of per-sample ``[items, ...]`` arrays → all items concatenated, ``[items, ...]``."""
-        return np.concatenate(list(column)) if len(column) else np.zeros(0)
-
-    @staticmethod
-    def strings(column: Sequence[str]) -> list[str]:
-        return list(column)
-
 
 @dataclass
 class MultimodalCollator:
@@ -360,7 +322,7 @@ class MultimodalCollator:
         if self.generate or self.with_prompts:
             columns[ANSWERS] = [_answer(samples[i]) for i in keep]
         cropped = {key for key in features if padded_family(self.processor.counters.get(key))}
-        per_item, shared = _per_sample(features, counts, cropped)
+        per_item, shared = per_sample(features, counts, cropped)
         for name, arrays in per_item.items():
             if name in columns:
                 raise ValueError(f"Processor output {name!r} clashes with another column; rename the modality.")
@@ -394,9 +356,9 @@ class MultimodalCollator:
         pad_id = self.pad_token_id
         ids, lengths = reader.tokens(columns["input_ids"])
         batch = {}
-        batch["input_ids"], batch["attention_mask"] = _pad_tokens(ids, lengths, pad_id, self.padding_side)
+        batch["input_ids"], batch["attention_mask"] = pad_tokens(ids, lengths, pad_id, self.padding_side)
         if "labels" in names:
-            batch["labels"], _ = _pad_tokens(reader.tokens(columns["labels"])[0], lengths, IGNORE_INDEX,
+            batch["labels"], _ = pad_tokens(reader.tokens(columns["labels"])[0], lengths, IGNORE_INDEX,
                                              self.padding_side)
         for name in names:
             if name not in TEXT_COLUMNS:
@@ -408,7 +370,7 @@ class MultimodalCollator:
                                                                    batch["image_sizes"].numpy()))
         if PROMPT_INPUT_IDS in names:
             prompt, prompt_lengths = reader.tokens(columns[PROMPT_INPUT_IDS])
-            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _pad_tokens(prompt, prompt_lengths, pad_id, "left")
+            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = pad_tokens(prompt, prompt_lengths, pad_id, "left")
         if ANSWERS in names:
             batch[ANSWERS] = reader.strings(columns[ANSWERS])
         return batch
@@ -456,53 +418,6 @@ def too_long(index: Any, length: int, max_length: int) -> SampleError:
     """The error for a sample longer than ``max_length`` (modality spans expanded)."""
     return SampleError(index, "messages", f"{length} tokens with modality spans expanded, more than "
                                           f"max_length={max_length}; modality spans are never cut.")
-
-
-def padded_family(counter: Any) -> bool:
-    """Whether a modality's processor pads each call's images to the largest (Pixtral): they are then stored per
-    sample without the padding (:func:`~cornstarch.models.dynamic_resolution.cropped_images`)."""
-    return getattr(getattr(counter, "config", None), "model_type", None) in PADDED_FAMILIES
-
-
-def _per_sample(features: dict[str, dict], counts: dict[str, list[list[int]]],
-                cropped: set[str] = frozenset()) -> tuple[dict[str, list], dict]:
-    """Processor outputs split per sample (``[items, ...]`` arrays, or ``[rows, ...]`` for outputs with several rows
-    per item, see :func:`~cornstarch.models.dynamic_resolution.item_rows`); other outputs, kept whole."""
-    per_item: dict[str, list[np.ndarray]] = {}
-    shared: dict[str, Any] = {}
-    for key, tensors in features.items():
-        splits = np.cumsum([0] + [len(c) for c in counts[key]])
-        flat = item_rows(tensors)  # outputs with each item's patches end to end (Qwen2-VL): rows per item
-        for name, value in tensors.items():
-            if name in per_item or name in shared:
-                raise ValueError(f"Two modality processors output {name!r}; the batch can hold only one.")
-            if name in flat:
-                array, bounds = value.numpy(), np.cumsum([0, *flat[name]])[splits]
-                per_item[name] = [array[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            elif key in cropped and name == "pixel_values":  # [Σ C·h·w] per sample, padded again by pad()
-                crops = cropped_images(tensors)
-                per_item[name] = [np.concatenate(crops[a:b] or [np.zeros(0, crops[0].dtype)])
-                                  for a, b in zip(splits[:-1], splits[1:])]
-            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == splits[-1]:
-                array = value.numpy()
-                per_item[name] = [array[a:b] for a, b in zip(splits[:-1], splits[1:])]
-            else:
-                shared[name] = value
-    return per_item, shared
-
-
-def _pad_tokens(flat: np.ndarray, lengths: np.ndarray, value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``lengths`` tokens taken in order from ``flat`` → ``[batch, longest]`` padded with ``value``, and the
-    mask of real tokens."""
-    longest = int(lengths.max()) if len(lengths) else 0
-    positions = np.arange(longest)[None, :]  # [1, seq]
-    if side == "left":
-        real = positions >= (longest - lengths)[:, None]  # [batch, seq]
-    else:
-        real = positions < lengths[:, None]
-    out = np.full(real.shape, value, dtype=np.int64)
-    out[real] = flat
-    return torch.from_numpy(out), torch.from_numpy(real.astype(np.int64))
 
 
 def _answer(sample: Mapping[str, Any]) -> str:

@@ -21,7 +21,8 @@ from datasets import Array2D, Array3D, Array4D, Array5D, Dataset, Features, List
 from datasets.table import MemoryMappedTable
 
 from ..batch import INDEX_KEY
-from .collator import ANSWERS, TEXT_COLUMNS, EncodedColumns, MultimodalCollator
+from .collator import MultimodalCollator
+from .columns import ANSWERS, TEXT_COLUMNS, EncodedColumns
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 256  # samples per processor call while encoding a split

@@ -21,7 +21,7 @@ each epoch).
 
 from __future__ import annotations
 
-import io
+import io  # noqa: F401  (the docstring examples use it)
 import json
 import os
 from collections.abc import Callable, Iterator
