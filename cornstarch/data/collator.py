@@ -18,6 +18,7 @@ import torch
 
 from ..batch import IGNORE_INDEX, INDEX_KEY
 from ..models.dynamic_resolution import padded_images
+from ..models.multimodal_language_model.processing_multimodal_language_model import audio_window
 from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COLUMNS, EncodedColumns, pad_tokens,
                       padded_family, per_sample)
 from .conversation import render_segments, to_messages
@@ -58,26 +59,6 @@ def _first_argument(processor: Any) -> str:
     params = [p for p in inspect.signature(processor.__call__).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return params[0].name
-
-
-def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
-    """How many samples of a clip an audio processor keeps (it cuts the rest), or None if it keeps them all.
-
-    A processor cuts when it truncates (``truncation``, from ``kwargs`` or its default) to ``max_length`` (from
-    ``kwargs``) or to its fixed window ``n_samples`` (Whisper-style feature extractors: ``chunk_length`` seconds).
-
-    >>> from transformers import WhisperFeatureExtractor
-    >>> audio_window(WhisperFeatureExtractor(), {})  # 30 s at 16 kHz
-    480000
-    >>> audio_window(WhisperFeatureExtractor(), {"truncation": False}) is None
-    True
-    """
-    truncation = inspect.signature(processor.__call__).parameters.get("truncation")
-    default = truncation.default if truncation is not None and truncation.default is not inspect.Parameter.empty \
-        else False
-    if not kwargs.get("truncation", default):
-        return None
-    return kwargs.get("max_length") or getattr(processor, "n_samples", None)
 
 
 LENGTH_BATCH = 64  # samples per processor call when measuring the lengths of variable-resolution items

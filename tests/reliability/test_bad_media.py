@@ -215,3 +215,15 @@ def test_audio_within_the_window_or_without_truncation_is_silent():
         untruncated = MultimodalCollator(proc, sampling_rate=tiny.AUDIO_RATE,
                                          processor_kwargs={"truncation": False, "padding": "longest"})
         assert untruncated._windows == {"audio": None}
+
+
+def test_the_processor_called_directly_warns_for_audio_it_would_cut():
+    _, proc = make(audio=True)
+    wave = np.zeros(int(2.25 * tiny.AUDIO_RATE), dtype=np.float32)
+    with pytest.warns(UserWarning, match=r"audio item 1: 5760 samples, but its processor keeps only the first 5120"):
+        proc(llm_inputs={"text": ["<audio> <audio> hi"]}, encoder_inputs={"audio": {"raw_speech": [wave[:100], wave],
+                                                                                      "sampling_rate": tiny.AUDIO_RATE}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proc(llm_inputs={"text": ["<audio> hi"]}, encoder_inputs={"audio": {"raw_speech": [wave[:100]],
+                                                                            "sampling_rate": tiny.AUDIO_RATE}})

@@ -137,3 +137,13 @@ def test_batches_with_targets_keep_their_loss_bit_for_bit(model_and_batch):
     partly["labels"][0] = -100  # one row without targets: the batch still has some
     with torch.no_grad():
         assert torch.isfinite(mllm(**partly).loss) and mllm(**partly).loss > 0
+
+
+def test_nan_or_infinite_encoder_inputs_are_named(model_and_batch):
+    mllm, _, batch = model_and_batch
+    for name, key in (("pixel_values", "vision"), ("input_features", "audio")):
+        for bad in (float("nan"), float("inf")):
+            values = batch[name].clone()
+            values.view(-1)[0] = bad
+            with pytest.raises(ValueError, match=rf"{name} \({key} encoder\) holds NaN or infinite values"):
+                mllm(**{**batch, name: values})

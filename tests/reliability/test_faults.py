@@ -1,5 +1,5 @@
 """Real ``cornstarch fit`` processes killed and resumed: ``kill -9`` while a checkpoint is written (with ``$TMPDIR``
-on another filesystem), SIGTERM and SIGINT at random steps; every resume continues bit-exactly, nothing is lost
+on another filesystem) and at a random step, SIGTERM and SIGINT at random steps; every resume continues bit-exactly, nothing is lost
 beyond the ``last.ckpt`` interval, and no file under a checkpoint's name is ever truncated."""
 
 from __future__ import annotations
@@ -51,9 +51,21 @@ def test_kill_sigterm_sigint_then_resume_is_exact(tmp_path, other_filesystem):
     saved = load(last)["global_step"] if last.exists() else 0  # killed during the first write: nothing yet
     assert saved >= int(stalled_step) - LAST_EVERY  # nothing lost beyond the configured interval
 
+    # 1b. resume, then kill -9 at a random step (a crash anywhere, not only inside a write): every checkpoint is
+    #     whole and last.ckpt is at most the configured interval behind the step reached
+    kill_after = rng.randint(saved + 1, max(saved + 1, MAX_STEPS - 4))
+    rc = signal_after(cfg, tmp_path / "1b.progress", signal.SIGKILL, kill_after, "--ckpt_path", "auto",
+                      log=tmp_path / "1b-kill.log")
+    assert rc == -signal.SIGKILL, (tmp_path / "1b-kill.log").read_text()[-3000:]
+    for path in checkpoints(ckpt_dir):
+        load(path)
+    reached = steps_done(tmp_path / "1b.progress")
+    saved = load(last)["global_step"] if last.exists() else 0
+    assert saved >= reached - LAST_EVERY, (saved, reached)
+
     # 2. resume as a requeued job does (auto: from last.ckpt if there is one), then SIGTERM (preemption) at a
     #    random step: last.ckpt is that step, exit 128 + 15
-    after = rng.randint(saved + 1, MAX_STEPS - 2)
+    after = rng.randint(min(saved + 1, MAX_STEPS - 2), MAX_STEPS - 2)
     rc = signal_after(cfg, tmp_path / "2.progress", signal.SIGTERM, after, "--ckpt_path", "auto",
                       log=tmp_path / "2-sigterm.log")
     assert rc == 143, (tmp_path / "2-sigterm.log").read_text()[-3000:]

@@ -13,7 +13,7 @@ ValueError: attention_mask has shape [1, 2] but input_ids has [1, 3]: pad both t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -79,6 +79,37 @@ def check_encoder_dtypes(routed: Mapping[str, Mapping[str, Any]]) -> None:
                 raise ValueError(f"{name} ({key} encoder) has dtype {value.dtype}, but the encoder takes normalised "
                                  f"floating-point values: run the {key} {FLOAT_INPUTS[name]} (MultimodalProcessor or "
                                  "MultimodalCollator do) on the raw items instead of passing them.")
+
+
+def check_finite_inputs(routed: Mapping[str, Mapping[str, Any]], exact: Callable[[torch.Tensor], bool]) -> None:
+    """Refuse NaN or infinite encoder inputs (pixel values, audio features), which would make every loss NaN.
+
+    Args:
+        routed: per encoder, its inputs (``MultimodalModel.route_inputs``).
+        exact: whether reading a tensor's values is free (host memory): then a ``ValueError`` naming the input;
+            elsewhere an asynchronous device assertion, so ``forward`` never waits for the device.
+
+    Raises:
+        ValueError: naming the input and its encoder (``exact``).
+        RuntimeError: from the device assertion (not ``exact``), at the next synchronisation.
+
+    >>> check_finite_inputs({"vision": {"pixel_values": torch.tensor([0.5, float("nan")])}}, lambda t: True)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: pixel_values (vision encoder) holds NaN or infinite values: ...
+    """
+    for key, inputs in routed.items():
+        for name, value in inputs.items():
+            if name not in FLOAT_INPUTS or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            finite = torch.isfinite(value).all()
+            message = (f"{name} ({key} encoder) holds NaN or infinite values: check the {key} items and their "
+                       f"{FLOAT_INPUTS[name]} (the data layer names the sample when it loads them).")
+            if not exact(value):
+                torch._assert_async(finite, message)
+            elif not finite:
+                raise ValueError(message)
 
 
 def check_vocabulary(text_ids: torch.Tensor, vocab_size: int | None, token_ids: Mapping[str, int],

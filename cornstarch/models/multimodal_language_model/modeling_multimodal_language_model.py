@@ -18,11 +18,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..dummy_inputs import dummy_inputs
+from . import merging
 from .components import TrainableComponents
 from .configuration_multimodal_language_model import MultimodalProjectorConfig, validate_projection
 from .encoder_module import LM_ARGUMENTS, ModalEncoderModule, hidden_size_of
-from .input_checks import (any_targets, check_distinct_token_ids, check_encoder_dtypes, check_text_inputs,
-                           zero_loss_without_targets)
+from .input_checks import (any_targets, check_distinct_token_ids, check_encoder_dtypes, check_finite_inputs,
+                           check_text_inputs, zero_loss_without_targets)
 from .language_models import check_language_model, check_packing, labels_for
 from .merging import merge_embeddings, modality_masks
 from .native import NativeInterop
@@ -277,6 +278,7 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
         has_cache = any(lm_kwargs.get(name) is not None for name in ("past_key_values", "cache"))
         check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, has_cache)
         check_encoder_dtypes(routed)
+        check_finite_inputs(routed, merging.on_host)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("MultimodalModel.forward needs input_ids (or inputs_embeds).")
@@ -332,6 +334,7 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
         routed, generate_kwargs = self.route_inputs(kwargs, encoder_inputs)
         check_text_inputs(input_ids, None, attention_mask, None, has_cache=False)
         check_encoder_dtypes(routed)
+        check_finite_inputs(routed, merging.on_host)
         inputs_embeds, _ = self.embed(input_ids, self.encode(routed))
         placeholders = modality_masks(input_ids, self.modality_token_ids).values()
         safe_ids = input_ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -27,6 +28,45 @@ def accepted_kwargs(processor: Any) -> frozenset[str]:
     valid = getattr(processor, "valid_kwargs", None)
     names |= set(getattr(valid, "__required_keys__", ())) | set(getattr(valid, "__optional_keys__", ()))
     return frozenset(names)
+
+
+# First argument names of audio processors (feature extractors): their items are waveforms.
+WAVEFORM_ARGUMENTS = ("raw_speech", "audio", "audios")
+
+
+def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
+    """How many samples of a clip an audio processor keeps (it cuts the rest), or None if it keeps them all.
+
+    A processor cuts when it truncates (``truncation``, from ``kwargs`` or its default) to ``max_length`` (from
+    ``kwargs``) or to its fixed window ``n_samples`` (Whisper-style feature extractors: ``chunk_length`` seconds).
+
+    >>> from transformers import WhisperFeatureExtractor
+    >>> audio_window(WhisperFeatureExtractor(), {})  # 30 s at 16 kHz
+    480000
+    >>> audio_window(WhisperFeatureExtractor(), {"truncation": False}) is None
+    True
+    """
+    truncation = inspect.signature(processor.__call__).parameters.get("truncation")
+    default = truncation.default if truncation is not None and truncation.default is not inspect.Parameter.empty \
+        else False
+    if not kwargs.get("truncation", default):
+        return None
+    return kwargs.get("max_length") or getattr(processor, "n_samples", None)
+
+
+def warn_long_audio(key: str, processor: Any, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
+    """Warn, naming each item, for waveforms longer than ``processor`` keeps (:func:`audio_window`): it would cut
+    them without a word. (The data layer's collator checks before processing and names the sample instead.)"""
+    window = audio_window(processor, kwargs)
+    waves = next((inputs[name] for name in WAVEFORM_ARGUMENTS if name in inputs), None)
+    if window is None or waves is None:
+        return
+    for item, wave in enumerate(waves if isinstance(waves, (list, tuple)) else [waves]):
+        length = np.asarray(wave).shape[-1] if np.ndim(wave) else 0
+        if length > window:
+            warnings.warn(f"{key} item {item}: {length} samples, but its processor keeps only the first {window} "
+                          "(it cuts the rest); shorten the clip or pass truncation=False (and padding) to the "
+                          "processor.", stacklevel=3)
 
 
 class MultimodalProcessor:
@@ -271,6 +311,8 @@ class MultimodalProcessor:
         features: dict[str, Any] = {}
         counts: dict[str, list[int]] = {}
         for key, inputs in (encoder_inputs or {}).items():
+            if key in self.encoder_processors:
+                warn_long_audio(key, self.encoder_processors[key], inputs, kwargs)
             outputs, counts[key] = self.process_modality(key, inputs, **kwargs)
             clash = set(outputs) & set(features)
             if clash:
