@@ -18,7 +18,8 @@ import torch
 
 from ..batch import IGNORE_INDEX, INDEX_KEY
 from ..models.dynamic_resolution import padded_images
-from ..models.multimodal_language_model.processing_multimodal_language_model import audio_window
+from ..models.multimodal_language_model.processing_multimodal_language_model import (WAVEFORM_ARGUMENTS,
+                                                                                    audio_window, cut_items)
 from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COLUMNS, EncodedColumns, pad_tokens,
                       padded_family, per_sample)
 from .conversation import render_segments, to_messages
@@ -27,8 +28,6 @@ from .media import SampleError, SampleWarning, load_audio, load_image, sample_me
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
 MEDIA_FIELDS = frozenset({"images", "audios", "videos"})
-# First argument names of audio processors (feature extractors); their items are waveforms.
-AUDIO_ARGUMENTS = frozenset({"raw_speech", "audio", "audios"})
 LONG_AUDIO_REPORTED = 5  # clips longer than the audio processor keeps: warnings (naming the sample) per collator
 
 
@@ -145,7 +144,7 @@ class MultimodalCollator:
         self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
 
     def _is_audio(self, key: str) -> bool:
-        return self._inputs[key] in AUDIO_ARGUMENTS
+        return self._inputs[key] in WAVEFORM_ARGUMENTS
 
     # ----------------------------------------------------------------------------------------------- per sample
     def _items(self, sample: Mapping[str, Any], index: Any) -> dict[str, list[Any]]:
@@ -168,19 +167,18 @@ class MultimodalCollator:
     def _check_window(self, key: str, waves: list[np.ndarray], index: Any, name: str) -> None:
         """Warn about (or refuse, with ``on_long_audio="error"``) clips longer than the audio processor's window."""
         window = self._windows.get(key)
-        for item, wave in enumerate(waves if window else []):
-            if len(wave) > window:
-                problem = (f"audio item {item} lasts {len(wave) / self.sampling_rate:.2f} s ({len(wave)} samples) but "
-                           f"the {key} processor keeps only the first {window / self.sampling_rate:.2f} s ({window} "
-                           f"samples) and cuts the rest; trim or split the clip (one placeholder per part)")
-                if self.on_long_audio == "error":
-                    raise SampleError(index, name, problem + ".")
-                self.long_audio += 1
-                if self.long_audio <= LONG_AUDIO_REPORTED:
-                    last = " This is the last clip reported; long_audio counts them all." \
-                        if self.long_audio == LONG_AUDIO_REPORTED else ""
-                    warnings.warn(sample_message(index, name, f"{problem}, or set on_long_audio='error' to refuse "
-                                                              f"such clips.{last}"), SampleWarning, stacklevel=4)
+        for item, length in cut_items(waves, window):
+            problem = (f"audio item {item} lasts {length / self.sampling_rate:.2f} s ({length} samples) but "
+                       f"the {key} processor keeps only the first {window / self.sampling_rate:.2f} s ({window} "
+                       f"samples) and cuts the rest; trim or split the clip (one placeholder per part)")
+            if self.on_long_audio == "error":
+                raise SampleError(index, name, problem + ".")
+            self.long_audio += 1
+            if self.long_audio <= LONG_AUDIO_REPORTED:
+                last = " This is the last clip reported; long_audio counts them all." \
+                    if self.long_audio == LONG_AUDIO_REPORTED else ""
+                warnings.warn(sample_message(index, name, f"{problem}, or set on_long_audio='error' to refuse "
+                                                          f"such clips.{last}"), SampleWarning, stacklevel=4)
 
     def _segments(self, sample: Mapping[str, Any], index: Any, prompt_only: bool | None = None) -> list[tuple[str, bool]]:
         prompt_only = self.generate if prompt_only is None else prompt_only

@@ -348,7 +348,6 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
         return output
 
 
-
 def _has_items(inputs: Mapping[str, Any]) -> bool:
     """Whether an encoder's inputs hold anything to encode (an empty batch of items counts as absent)."""
     tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]

@@ -54,19 +54,28 @@ def audio_window(processor: Any, kwargs: Mapping[str, Any]) -> int | None:
     return kwargs.get("max_length") or getattr(processor, "n_samples", None)
 
 
+def cut_items(waves: Any, window: int | None) -> list[tuple[int, int]]:
+    """``(item, length)`` of each waveform longer than ``window`` samples (none when ``window`` is None).
+
+    >>> cut_items([[0.0] * 3, [0.0] * 5], window=4)
+    [(1, 5)]
+    """
+    if window is None or waves is None:
+        return []
+    waves = waves if isinstance(waves, (list, tuple)) else [waves]
+    lengths = [np.asarray(wave).shape[-1] if np.ndim(wave) else 0 for wave in waves]
+    return [(item, length) for item, length in enumerate(lengths) if length > window]
+
+
 def warn_long_audio(key: str, processor: Any, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
     """Warn, naming each item, for waveforms longer than ``processor`` keeps (:func:`audio_window`): it would cut
     them without a word. (The data layer's collator checks before processing and names the sample instead.)"""
     window = audio_window(processor, kwargs)
     waves = next((inputs[name] for name in WAVEFORM_ARGUMENTS if name in inputs), None)
-    if window is None or waves is None:
-        return
-    for item, wave in enumerate(waves if isinstance(waves, (list, tuple)) else [waves]):
-        length = np.asarray(wave).shape[-1] if np.ndim(wave) else 0
-        if length > window:
-            warnings.warn(f"{key} item {item}: {length} samples, but its processor keeps only the first {window} "
-                          "(it cuts the rest); shorten the clip or pass truncation=False (and padding) to the "
-                          "processor.", stacklevel=3)
+    for item, length in cut_items(waves, window):
+        warnings.warn(f"{key} item {item}: {length} samples, but its processor keeps only the first {window} "
+                      "(it cuts the rest); shorten the clip or pass truncation=False (and padding) to the "
+                      "processor.", stacklevel=3)
 
 
 class MultimodalProcessor:

@@ -33,7 +33,6 @@ def _dtype_name(module: nn.Module) -> str | None:
     return None if param is None else str(param.dtype).removeprefix("torch.")
 
 
-
 def _keys_when_built(cls: type, config: Any, kwargs: dict[str, Any]) -> set[str] | None:
     """The state-dict keys ``cls(config, **kwargs)`` has (built on the meta device), or None if it cannot be built."""
     try:
@@ -85,7 +84,6 @@ def _build_part(spec: dict[str, Any], what: str) -> nn.Module:
     return module.to(getattr(torch, spec["dtype"])) if spec.get("dtype") else module
 
 
-
 def _encoder_kwargs(key: str, spec: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """ModalEncoderModule arguments for a saved encoder: the given ones, else the saved projector and callbacks."""
     kwargs = dict(given)
@@ -108,7 +106,6 @@ def _encoder_kwargs(key: str, spec: Mapping[str, Any], given: dict[str, Any]) ->
             )
         kwargs["projector"] = MultimodalProjector(projector_config)
     return kwargs
-
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -127,7 +127,6 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, sample_of_targe
     return totals / counts  # [n_samples]
 
 
-
 def predicted_and_target_tokens(output: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The token each computed logit predicts (its argmax) and the label it is scored against, for any training
     forward's output: full logits ``[batch, seq, vocab]``, logits at the supervised positions
