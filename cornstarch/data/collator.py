@@ -18,6 +18,7 @@ import torch
 
 from ..batch import IGNORE_INDEX, INDEX_KEY
 from ..models.dynamic_resolution import padded_images
+from ..models.pixel_budgets import check_budget
 from ..models.multimodal_language_model.processing_multimodal_language_model import (WAVEFORM_ARGUMENTS,
                                                                                     audio_window, cut_items)
 from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COLUMNS, EncodedColumns, pad_tokens,
@@ -135,6 +136,8 @@ class MultimodalCollator:
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         keys = list(self.processor.encoder_processors)
         self.fields = {**default_fields(keys), **dict(self.fields or {})}
+        for key in keys:  # a per-call pixel budget smaller than one patch is a configuration error
+            check_budget(key, self.processor.encoder_processors[key], overrides=self.processor_kwargs)
         self._inputs = {key: _first_argument(self.processor.encoder_processors[key]) for key in keys}
         self._windows = {key: audio_window(self.processor.encoder_processors[key], self.processor_kwargs)
                          for key in keys if self._is_audio(key)}
@@ -287,7 +290,7 @@ class MultimodalCollator:
             ids, labels = self.processor.expand(ids, {k: c[i] for k, c in counts.items()}, labels)
             if self.max_length is not None and len(ids) > self.max_length:
                 if self.on_too_long == "error":
-                    raise too_long(idx, len(ids), self.max_length)
+                    raise too_long(idx, ids, self.max_length, self.processor.token_ids, self.fields)
                 self.skipped += 1
                 continue
             columns["input_ids"].append(ids)
@@ -393,10 +396,40 @@ class MultimodalCollator:
         return None
 
 
-def too_long(index: Any, length: int, max_length: int) -> SampleError:
-    """The error for a sample longer than ``max_length`` (modality spans expanded)."""
-    return SampleError(index, "messages", f"{length} tokens with modality spans expanded, more than "
-                                          f"max_length={max_length}; modality spans are never cut.")
+def too_long(index: Any, ids: Sequence[int], max_length: int, modality_ids: Mapping[str, int],
+             fields: Mapping[str, str] | None = None) -> SampleError:
+    """The error for a sample longer than ``max_length`` (modality spans expanded), naming its media's tokens.
+
+    Args:
+        index: the sample's index.
+        ids: its token ids, placeholders expanded.
+        max_length: the limit.
+        modality_ids: modality key → placeholder token id (``MultimodalProcessor.token_ids``).
+        fields: modality key → sample field (default: :func:`default_fields`).
+
+    Returns:
+        A :class:`~cornstarch.data.media.SampleError` for field ``messages``, or for the media's fields when the
+        media alone exceed ``max_length`` (then no text can fit either: lower the pixel budget or raise the limit).
+
+    >>> print(too_long(3, [1, 9, 9, 9, 2], 4, {"vision": 9}))
+    Sample 3, field 'messages': 5 tokens with modality spans expanded, more than max_length=4; modality spans are never cut. Its media take 3 tokens (vision 3).
+    >>> print(too_long(3, [1, 9, 9, 9, 9, 9, 2], 4, {"vision": 9}))
+    Sample 3, field 'images': its media alone take 5 tokens (vision 5), more than max_length=4 (7 tokens in all); modality spans are never cut. Give it fewer media, lower their pixel budget (max_pixels, max_num_patches, longest_edge) or raise max_length.
+    """
+    found = np.asarray(ids)
+    media = {key: int(np.count_nonzero(found == token)) for key, token in modality_ids.items()}
+    parts = ", ".join(f"{key} {n}" for key, n in media.items() if n)
+    total = sum(media.values())
+    if total > max_length:
+        fields = {**default_fields(list(modality_ids)), **dict(fields or {})}
+        named = ", ".join(fields[key] for key, n in media.items() if n)
+        return SampleError(index, named, f"its media alone take {total} tokens ({parts}), more than "
+                                           f"max_length={max_length} ({len(ids)} tokens in all); modality spans are "
+                                           "never cut. Give it fewer media, lower their pixel budget (max_pixels, "
+                                           "max_num_patches, longest_edge) or raise max_length.")
+    return SampleError(index, "messages", f"{len(ids)} tokens with modality spans expanded, more than "
+                                          f"max_length={max_length}; modality spans are never cut."
+                                          + (f" Its media take {total} tokens ({parts})." if total else ""))
 
 
 def _answer(sample: Mapping[str, Any]) -> str:

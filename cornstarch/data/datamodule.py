@@ -17,6 +17,7 @@ import numpy as np
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from ..batch import INDEX_KEY
 from .collator import MultimodalCollator, default_fields, too_long
 from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
@@ -207,13 +208,15 @@ class MultimodalDataModule(L.LightningDataModule):
         lengths = encoded_lengths(encoded)
         if self.max_length is not None:
             too_long_rows = np.flatnonzero(lengths > self.max_length)
-            if len(too_long_rows) and self.on_too_long == "error":
-                first = int(too_long_rows[0])
-                raise too_long(first, int(lengths[first]), self.max_length)
             self.skipped[split] = len(too_long_rows)
             if len(too_long_rows):
-                log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, len(too_long_rows),
-                            len(lengths), self.max_length)
+                first = int(too_long_rows[0])
+                error = too_long(first, encoded[first]["input_ids"], self.max_length, self._processor().token_ids,
+                                 self.collator_kwargs["fields"])
+                if self.on_too_long == "error":
+                    raise error
+                log.warning("%s: skipped %d of %d samples longer than max_length=%d; the first: %s", split,
+                            len(too_long_rows), len(lengths), self.max_length, error)
                 keep = np.flatnonzero(lengths <= self.max_length)
                 kept = self._cache_file(split, "kept")
                 dataset = dataset.select(keep)
@@ -223,16 +226,24 @@ class MultimodalDataModule(L.LightningDataModule):
         return dataset, encoded
 
     def _measure(self, split: str, dataset: Dataset) -> Dataset:
-        """Compute lengths (for grouping) and drop over-long samples (``on_too_long="skip"``), logging the count."""
-        lengths = sample_lengths(dataset, self.collator(split))
+        """Compute lengths (for grouping); over-long samples raise, naming the first, or are dropped
+        (``on_too_long="skip"``), logging the count and the first."""
+        collate = self.collator(split, max_length=None)
+        lengths = sample_lengths(dataset, collate)
+        first = next((i for i, n in enumerate(lengths) if self.max_length and n > self.max_length), None)
         if self.max_length and self.on_too_long == "skip":
+            self.skipped[split] = 0
+        if first is not None:
+            ids = collate.encode([{**dataset[first], INDEX_KEY: first}])["input_ids"][0]  # the first alone, named
+            error = too_long(first, ids, self.max_length, collate.processor.token_ids, collate.fields)
+            if self.on_too_long == "error":
+                raise error
             keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
             self.skipped[split] = len(lengths) - len(keep)
-            if self.skipped[split]:
-                log.warning("%s: skipped %d of %d samples longer than max_length=%d", split, self.skipped[split],
-                            len(lengths), self.max_length)
-                dataset = dataset.select(keep)
-                lengths = [lengths[i] for i in keep]
+            log.warning("%s: skipped %d of %d samples longer than max_length=%d; the first: %s", split,
+                        self.skipped[split], len(lengths), self.max_length, error)
+            dataset = dataset.select(keep)
+            lengths = [lengths[i] for i in keep]
         self.lengths[split] = lengths
         return dataset
 

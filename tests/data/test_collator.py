@@ -76,7 +76,8 @@ def test_generate_mode_left_pads_prompts_and_keeps_answers():
 def test_too_long_errors_or_is_skipped_and_counted():
     _, proc = make()
     samples = [sample(1), sample(3), sample(0)]
-    with pytest.raises(SampleError, match=r"Sample 1, field 'messages': 61 tokens .* max_length=30"):
+    media_alone = r"Sample 1, field 'images': its media alone take 51 tokens \(vision 51\), more than max_length=30"
+    with pytest.raises(SampleError, match=media_alone + r" \(61 tokens in all\)"):
         MultimodalCollator(proc, max_length=30)(samples)
     collate = MultimodalCollator(proc, max_length=30, on_too_long="skip")
     batch = collate(samples)

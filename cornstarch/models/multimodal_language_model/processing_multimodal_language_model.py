@@ -13,6 +13,7 @@ import numpy as np
 from transformers import AutoTokenizer, BatchFeature
 
 from ..feature_counts import BUILTIN_COUNTS, FeatureCounter, flatten_counts
+from ..pixel_budgets import check_budget
 from .import_paths import UNSERIALIZABLE, build_callback, callback_spec, import_path, resolve
 from .input_checks import check_distinct_token_ids
 from .placeholders import assign_items, count_placeholders, expand_placeholders
@@ -101,8 +102,9 @@ class MultimodalProcessor:
         predefined_tokens: modality key → placeholder text, e.g. ``{"vision": "<image>"}``.
 
     Raises:
-        ValueError: if a key names no encoder of ``model``, or two modalities' placeholders are the same token
-            (or one is the tokenizer's pad, bos, eos or unk token).
+        ValueError: if a key names no encoder of ``model``, two modalities' placeholders are the same token
+            (or one is the tokenizer's pad, bos, eos or unk token), or an image processor's pixel budget is smaller
+            than one patch or its patches are not its tower's (:func:`~cornstarch.models.pixel_budgets.check_budget`).
 
     >>> from PIL import Image
     >>> from tokenizers import Tokenizer, models, pre_tokenizers
@@ -169,6 +171,7 @@ class MultimodalProcessor:
                 self.counters[key] = FeatureCounter(encoder.module.config, callbacks, encoder=encoder)
             elif key in self._counter_specs and not _measured(self._counter_specs[key]):
                 self.counters[key] = _counter_from_spec(self._counter_specs[key])
+            check_budget(key, encoder_processors[key], getattr(self.counters.get(key), "config", None))
         if model is not None:
             model.set_modality_token_ids(self.token_ids)
 
