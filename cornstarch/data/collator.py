@@ -18,13 +18,13 @@ import torch
 
 from ..batch import IGNORE_INDEX, INDEX_KEY
 from ..models.dynamic_resolution import padded_images
-from ..models.pixel_budgets import check_budget
+from ..models.pixel_budgets import check_budget, features_for_size, pixel_budget
 from ..models.multimodal_language_model.processing_multimodal_language_model import (WAVEFORM_ARGUMENTS,
                                                                                     audio_window, cut_items)
 from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COLUMNS, EncodedColumns, pad_tokens,
                       padded_family, per_sample)
 from .conversation import render_segments, to_messages
-from .media import SampleError, SampleWarning, load_audio, load_image, sample_message
+from .media import SampleError, SampleWarning, image_size, load_audio, load_image, sample_message
 
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
@@ -217,8 +217,9 @@ class MultimodalCollator:
         """Token length of each sample with placeholders expanded, from its text and item counts only.
 
         Each item is taken to yield as many features as the first item of its modality processed here (exact for
-        fixed-size encoders: Whisper-style audio encoders and the vision towers with a fixed input size). Items of
-        variable-resolution towers (:mod:`cornstarch.models.dynamic_resolution`) are all processed to be counted.
+        fixed-size encoders: Whisper-style audio encoders and the vision towers with a fixed input size). Images of
+        variable-resolution towers (:mod:`cornstarch.models.dynamic_resolution`) are counted one by one from their
+        size under the processor's pixel budget (read from their headers), or processed where the size does not tell.
         """
         indices = [s.get(INDEX_KEY, i) for i, s in enumerate(samples)]
         tokenized = self._tokenize([self._segments(s, idx) for s, idx in zip(samples, indices)])
@@ -229,13 +230,37 @@ class MultimodalCollator:
                 for (ids, _), its, more in zip(tokenized, items_per_sample, extra)]
 
     def _varying_extra(self, samples: Sequence[Mapping[str, Any]], indices: list[Any], keys: list[str]) -> list[int]:
-        """Per sample, the tokens its ``keys`` items add beyond one placeholder each (every item processed)."""
+        """Per sample, the tokens its ``keys`` items add beyond one placeholder each: from each image's size and
+        its processor's pixel budget (:func:`~cornstarch.models.pixel_budgets.features_for_size`: headers read, no
+        pixel decoded), or, where the size does not tell, by processing the sample's items."""
         extra = []
         for start in range(0, len(samples), LENGTH_BATCH):  # setup, on the CPU: a batch of samples at a time
             chunk = list(range(start, min(start + LENGTH_BATCH, len(samples))))
-            items = [{k: v if k in keys else [] for k, v in self._items(samples[i], indices[i]).items()} for i in chunk]
-            _, counts = self._process(items, [indices[i] for i in chunk])
-            extra += [sum(sum(counts[k][j]) - len(counts[k][j]) for k in keys) for j in range(len(chunk))]
+            sized = [self._extra_from_sizes(samples[i], indices[i], keys) for i in chunk]
+            unsized = [i for i, n in zip(chunk, sized) if n is None]
+            if unsized:
+                items = [{k: v if k in keys else [] for k, v in self._items(samples[i], indices[i]).items()}
+                         for i in unsized]
+                _, counts = self._process(items, [indices[i] for i in unsized])
+                processed = iter(sum(sum(counts[k][j]) - len(counts[k][j]) for k in keys) for j in range(len(unsized)))
+                sized = [next(processed) if n is None else n for n in sized]
+            extra += sized
+        return extra
+
+    def _extra_from_sizes(self, sample: Mapping[str, Any], index: Any, keys: list[str]) -> int | None:
+        """The tokens ``keys`` items add beyond one placeholder each, from the images' sizes, or None."""
+        extra = 0
+        for key in keys:
+            processor, counter = self.processor.encoder_processors[key], self.processor.counters[key]
+            if getattr(counter, "callbacks", None) or pixel_budget(processor, self.processor_kwargs) is None:
+                return None  # callbacks that change counts, or no budget: only processing tells
+            name = self.fields[key]
+            for value in field_values(sample, name):
+                width, height = image_size(value, index, name, self.base_dir)
+                count = features_for_size(processor, height, width, self.processor_kwargs)
+                if count is None:
+                    return None
+                extra += count - 1
         return extra
 
     def _per_item(self, key: str) -> int:

@@ -98,29 +98,54 @@ def load_image(value: Any, index: Any, field: str = "images", base_dir: str | No
     ...     load_image(np.full((2, 2), 65535, dtype=np.uint16), index=0).getpixel((0, 0))
     (255, 255, 255)
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, (str, os.PathLike)):
-            path = _resolve(os.fspath(value), base_dir)
-            _check_file(path, IMAGE_EXTENSIONS, "image", index, field)
-            image = Image.open(path)
-        elif isinstance(value, np.ndarray):
-            image = _array_image(value, index, field)
-        else:
-            raise SampleError(index, field, f"cannot read an image from a {type(value).__name__}.")
-        if 0 in image.size:
-            raise SampleError(index, field, f"the image is empty ({image.size[0]}×{image.size[1]} pixels); "
-                                            f"fix or drop this item.")
+        image = _opened(value, index, field, base_dir)
+        if isinstance(image, np.ndarray):
+            image = _array_image(image, index, field)
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # not 8-bit: convert("RGB") would clip
             image = _array_image(np.asarray(image), index, field)
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise SampleError(index, field, f"corrupt or unreadable image ({err}).") from err
+
+
+def image_size(value: Any, index: Any, field: str = "images", base_dir: str | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image :func:`load_image` would load, read from its header: no pixel is decoded.
+
+    Raises:
+        SampleError: for a missing or unsupported file, a file whose header cannot be read, a value of another
+            type, an empty image, or an unusable array (a file's pixels are checked when the image is loaded).
+
+    >>> image_size(np.zeros((4, 6, 3), dtype=np.uint8), index=0)
+    (6, 4)
+    """
+    try:
+        image = _opened(value, index, field, base_dir)
+    except (UnidentifiedImageError, OSError) as err:
+        raise SampleError(index, field, f"corrupt or unreadable image ({err}).") from err
+    return (_array_image(image, index, field) if isinstance(image, np.ndarray) else image).size
+
+
+def _opened(value: Any, index: Any, field: str, base_dir: str | None) -> "Image.Image | np.ndarray":
+    """The image of ``value`` opened lazily (PIL reads the header only), or the array itself; empty images refused."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        path = _resolve(os.fspath(value), base_dir)
+        _check_file(path, IMAGE_EXTENSIONS, "image", index, field)
+        image = Image.open(path)
+    elif isinstance(value, np.ndarray):
+        return value
+    else:
+        raise SampleError(index, field, f"cannot read an image from a {type(value).__name__}.")
+    if 0 in image.size:
+        raise SampleError(index, field, f"the image is empty ({image.size[0]}×{image.size[1]} pixels); "
+                                        f"fix or drop this item.")
+    return image
 
 
 def _array_image(array: np.ndarray, index: Any, field: str) -> Image.Image:

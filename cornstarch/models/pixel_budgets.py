@@ -33,7 +33,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_budget", "pixel_budget"]
+import numpy as np
+from transformers.image_utils import ChannelDimension
+from transformers.models.pixtral.image_processing_pil_pixtral import get_resize_output_image_size
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+__all__ = ["check_budget", "features_for_size", "pixel_budget"]
 
 # Image processor class names (their PIL / torchvision / "Fast" variants included) → family.
 _FAMILIES = {"Qwen2VLImageProcessor": "qwen2_vl", "Siglip2ImageProcessor": "siglip2",
@@ -160,3 +166,52 @@ def check_budget(key: str, processor: Any, config: Any = None, overrides: Mappin
         if value is not None and patch is not None and value < patch:
             refuse(f"size.longest_edge={value} is smaller than one patch (patch_size {patch}); the processor would "
                    f"still make {patch}×{patch}-pixel images. Raise longest_edge to at least {patch}.")
+
+
+def features_for_size(processor: Any, height: int, width: int,
+                      overrides: Mapping[str, Any] | None = None) -> int | None:
+    """Features an image of ``height × width`` pixels yields under its processor's budget, from its size alone.
+
+    The resized size comes from transformers' own resize rules (Qwen2-VL's ``smart_resize``, SigLIP2's
+    ``get_image_size_for_max_num_patches``, Pixtral's ``get_resize_output_image_size``), so no pixel is decoded
+    or processed: the data layer measures a split's lengths from the images' headers.
+
+    Args:
+        processor: the modality's image processor.
+        height, width: the image's size in pixels.
+        overrides: call-time keyword arguments of the processor (see :func:`pixel_budget`).
+
+    Returns:
+        The tower's features for that image (Qwen2-VL: merged patches), or ``None`` when the size alone does not
+        tell: another processor, resizing turned off, or an image the processor refuses (too elongated), which is
+        then processed to raise its error.
+
+    >>> from transformers import Qwen2VLImageProcessorPil
+    >>> processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, min_pixels=64, max_pixels=1024)
+    >>> features_for_size(processor, 16, 24), features_for_size(processor, 300, 400)  # 300×400 shrinks to 24×32
+    (6, 12)
+    """
+    budget = pixel_budget(processor, overrides)
+    overrides = dict(overrides or {})
+    if budget is None or not _setting(processor, overrides, "do_resize"):
+        return None
+    family = _family(processor)
+    patch = _square(_setting(processor, overrides, "patch_size"))
+    try:
+        if family == "qwen2_vl":
+            merge = _setting(processor, overrides, "merge_size")
+            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=budget["min_pixels"],
+                                max_pixels=budget["max_pixels"])
+            return (h // patch) * (w // patch) // merge**2
+        if family == "siglip2":
+            h, w = get_image_size_for_max_num_patches(height, width, patch, budget["max_num_patches"])
+            return (h // patch) * (w // patch)
+        edge = budget["longest_edge"]
+        if edge is None:
+            return None
+        shape = np.broadcast_to(np.uint8(0), (3, height, width))  # the image's shape, no pixels
+        h, w = get_resize_output_image_size(shape, size=(edge, edge), patch_size=(patch, patch),
+                                            input_data_format=ChannelDimension.FIRST)
+    except ValueError:
+        return None
+    return (h // patch) * (w // patch) or None  # no patch: the processor refuses the image

@@ -20,7 +20,7 @@ from cornstarch.data.media import SampleError
 from cornstarch.data.raw import sample_lengths
 from cornstarch.models.builder import EncoderSpec, PartSpec, ProcessorSpec, build_model_and_processor
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from cornstarch.models.pixel_budgets import check_budget, pixel_budget
+from cornstarch.models.pixel_budgets import check_budget, features_for_size, pixel_budget
 from tests import tiny
 from tests.models.test_dynamic_resolution import FAMILIES, MERGE, PATCH, copy_of, images, native
 
@@ -81,6 +81,8 @@ def test_counts_under_a_budget_equal_the_features_produced(tower, data, sizes, s
         per_image = [f.shape[0] for f in features(out)]
         produced = encoder(**out).shape[0]
     assert counts == per_image and sum(counts) == produced
+    image_processor = processor.encoder_processors["vision"]
+    assert [features_for_size(image_processor, h, w) for h, w in sizes] == counts  # from the sizes alone
     if family == "siglip2":
         assert max(counts) <= budget["max_num_patches"]
 
@@ -125,19 +127,42 @@ def test_a_tighter_budget_gives_fewer_features_within_it(family):
     assert grids[1] < grids[0]
 
 
-def test_the_data_layer_measures_each_sample_under_its_budget():
-    """Lengths measured at setup (undecoded images) equal the collated ones, and follow the budget."""
-    module, _ = native("qwen2_vl")
+LOOSE_AND_TIGHT = {"qwen2_vl": ({"max_pixels": 64 * BLOCK}, {"max_pixels": 4 * BLOCK}),
+                   "qwen2_5_vl": ({"max_pixels": 64 * BLOCK}, {"max_pixels": 4 * BLOCK}),
+                   "siglip2": ({"max_num_patches": 200}, {"max_num_patches": 12}),
+                   "pixtral": ({"longest_edge": 96}, {"longest_edge": 16})}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_data_layer_measures_each_sample_under_its_budget_from_image_sizes(family):
+    """Lengths measured at setup equal the collated ones under each budget, with no image processed but the one
+    that tells a fixed-size item's count."""
+    module, _ = native(family)
     model = MultimodalModel({"vision": ModalEncoderModule(module)}, tiny.llm("llama"))
-    samples = [{"prompt": "<image> which digit ?", "answer": "three", "images": images([size], i)}
-               for i, size in enumerate([(90, 70), (12, 18), (64, 64)])]
+    samples = [{"prompt": " ".join(["<image>"] * len(sizes) + ["which digit ?"]), "answer": "three",
+                "images": images(sizes, i)} for i, sizes in enumerate([[(90, 70)], [(12, 18), (40, 33)], [(64, 64)]])]
     measured = {}
-    for name, budget in {"loose": 64 * BLOCK, "tight": 4 * BLOCK}.items():
-        collate = MultimodalCollator(processor_for(model, budgeted_processor("qwen2_vl", {"max_pixels": budget})))
+    for name, budget in zip(("loose", "tight"), LOOSE_AND_TIGHT[family]):
+        collate = MultimodalCollator(processor_for(model, budgeted_processor(family, budget)))
         exact = [len(ids) for ids in collate.encode(samples)["input_ids"]]
+        calls = []
+        process = collate.processor.process_modality
+        collate.processor.process_modality = lambda *a, **k: calls.append(a) or process(*a, **k)
         measured[name] = sample_lengths(Dataset.from_list(samples), collate)
-        assert measured[name] == exact
-    assert measured["tight"][0] < measured["loose"][0] and measured["tight"][1] == measured["loose"][1]
+        assert measured[name] == exact and len(calls) == 1  # the first image only (remember_item_count)
+    assert sum(measured["tight"]) < sum(measured["loose"])
+
+
+def test_an_image_whose_size_does_not_tell_is_processed_and_named():
+    """Pixtral cannot resize a 2×60 image into 24 pixels a side: its sample is processed, and named."""
+    module, _ = native("pixtral")
+    model = MultimodalModel({"vision": ModalEncoderModule(module)}, tiny.llm("llama"))
+    collate = MultimodalCollator(processor_for(model, budgeted_processor("pixtral", {"longest_edge": 24})))
+    samples = [{"prompt": "<image> which digit ?", "answer": "three", "images": images([size])}
+               for size in [(20, 30), (2, 60)]]
+    assert features_for_size(collate.processor.encoder_processors["vision"], 2, 60) is None
+    with pytest.raises(SampleError, match=r"Sample 1, field 'images': the vision processor refuses this item"):
+        sample_lengths(Dataset.from_list(samples), collate)
 
 
 # ----------------------------------------------------------------------------------------------- configuration
