@@ -1,6 +1,6 @@
 """Tokens/s of a mixed-resolution batch on a dynamic-resolution tower: packing against padding to the largest image.
 
-A batch of samples, one image each at its own size (sides 32–192 px, multiples of the merged patch), trains on a
+[1] A batch of samples, one image each at its own size (sides 32–192 px, multiples of the merged patch), trains on a
 Qwen2-VL vision tower + a Llama-style LM, arranged three ways:
 
 - ``padded``: every image pasted on a canvas of the batch's largest height and width (what a fixed-size pipeline,
@@ -18,12 +18,18 @@ of this process (less disturbed when other processes share the cores); the FLOPs
 counter) give the ratio the timings should approach. ``native`` and ``packed`` train the very same samples, so
 their summed losses agree (checked).
 
-    OMP_NUM_THREADS=1 python bench/mixed_resolution.py [--samples 8] [--rounds 9] [--threads 1]
+[2] Measuring lengths at setup (length grouping, packing, ``max_length``): each image counted from its size under
+    the processor's pixel budget (headers read, no pixel decoded) against processing every image (what the data
+    layer does when the size does not tell), on a split of PNG images of random sizes; both timed in one run,
+    alternately, median of the repeats, and their lengths compared (equal).
+
+    OMP_NUM_THREADS=1 python bench/mixed_resolution.py [--samples 8] [--rounds 9] [--threads 1] [--split 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import statistics
@@ -37,12 +43,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets import Dataset  # noqa: E402
+from datasets.utils.logging import disable_progress_bar  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2VLImageProcessorPil, Qwen2VLVisionConfig  # noqa: E402
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel  # noqa: E402
 
 from cornstarch.data.collator import MultimodalCollator  # noqa: E402
 from cornstarch.data.packing import pack_batch  # noqa: E402
+from cornstarch.data.raw import sample_lengths  # noqa: E402
 from cornstarch.demo import demo_tokenizer  # noqa: E402
 from cornstarch.models.multimodal_language_model import (ModalEncoderModule, MultimodalModel,  # noqa: E402
                                                         MultimodalProcessor)
@@ -63,7 +72,7 @@ def build(seed: int = 0) -> tuple[MultimodalModel, MultimodalCollator]:
                                       max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     model = MultimodalModel({"vision": ModalEncoderModule(tower)}, lm).train()
     images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-                                      min_pixels=BLOCK**2, max_pixels=256 * 256)  # no image here is resized
+                                      min_pixels=BLOCK**2, max_pixels=256 * 256)  # part [1] resizes no image
     processor = MultimodalProcessor({"vision": images}, tokenizer, model=model, predefined_tokens={"vision": "<image>"})
     return model, MultimodalCollator(processor)
 
@@ -118,6 +127,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", type=int, default=400, help="samples of part [2]")
+    parser.add_argument("--length_repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -151,19 +162,56 @@ def main() -> None:
     patches = {name: int(b["image_grid_thw"].prod(-1).sum()) for name, b in batches.items()}
     wall_s = {name: statistics.median(t) for name, t in wall.items()}
     cpu_s = {name: statistics.median(t) for name, t in cpu.items()}
+    print("[1] train step")
     print("| arrangement | tower patches | LM rows × width | GFLOP | median step, wall (ms) | real tokens/s | "
           "vs padded | median step, CPU (ms) | real tokens/CPU-s | vs padded |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, batch in batches.items():
         rows, width = batch["input_ids"].shape
-        print(f"| {name} | {patches[name]} | {rows} × {width} | {flops[name] / 1e9:.2f} | {1000 * wall_s[name]:.1f} | "
-              f"{real_tokens / wall_s[name]:,.0f} | {wall_s['padded'] / wall_s[name]:.2f}× | {1000 * cpu_s[name]:.1f} | "
-              f"{real_tokens / cpu_s[name]:,.0f} | {cpu_s['padded'] / cpu_s[name]:.2f}× |")
+        print(f"| {name} | {patches[name]} | {rows} × {width} | {flops[name] / 1e9:.2f} | "
+              f"{1000 * wall_s[name]:.1f} | {real_tokens / wall_s[name]:,.0f} | {wall_s['padded'] / wall_s[name]:.2f}× | "
+              f"{1000 * cpu_s[name]:.1f} | {real_tokens / cpu_s[name]:,.0f} | {cpu_s['padded'] / cpu_s[name]:.2f}× |")
     print(f"FLOP ratio padded / packed {flops['padded'] / flops['packed']:.2f}, padded / native "
-          f"{flops['padded'] / flops['native']:.2f}; packed vs native: wall {wall_s['native'] / wall_s['packed']:.2f}×, "
-          f"CPU {cpu_s['native'] / cpu_s['packed']:.2f}×; summed loss native {losses['native']:.4f}, packed "
-          f"{losses['packed']:.4f}")
+          f"{flops['padded'] / flops['native']:.2f}; packed vs native: wall "
+          f"{wall_s['native'] / wall_s['packed']:.2f}×, CPU {cpu_s['native'] / cpu_s['packed']:.2f}×; summed loss "
+          f"native {losses['native']:.4f}, packed {losses['packed']:.4f}")
     assert abs(losses["native"] - losses["packed"]) <= 1e-3 * abs(losses["native"]), "packing changed the loss"
+    measure_lengths(collate, args.split, args.length_repeats)
+
+
+def png_split(n: int, seed: int = 0) -> Dataset:
+    """``n`` samples, one PNG image each (sides 32–512 px), stored as bytes the way ``datasets`` stores images."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        h, w = rng.integers(32, 513, size=2).tolist()
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(png, format="PNG")
+        rows.append({"prompt": "<image> Which digit is shown?", "answer": "seven",
+                     "images": [{"bytes": png.getvalue(), "path": None}]})
+    return Dataset.from_list(rows)
+
+
+def measure_lengths(collate: MultimodalCollator, n: int, repeats: int) -> None:
+    """Part [2]: setup's length measurement from image sizes against processing every image."""
+    disable_progress_bar()
+    split = png_split(n)
+    by_size = collate._extra_from_sizes
+    times: dict[str, list[float]] = {"sizes": [], "processing": []}
+    lengths = {}
+    for _ in range(repeats):
+        for way in times:
+            collate._extra_from_sizes = by_size if way == "sizes" else lambda *args: None  # None: process the images
+            start = time.perf_counter()
+            lengths[way] = sample_lengths(split, collate)
+            times[way].append(time.perf_counter() - start)
+    collate._extra_from_sizes = by_size
+    median = {way: statistics.median(t) for way, t in times.items()}
+    print(f"[2] lengths of {n} PNG samples (32–512 px a side) at setup, median of {repeats}: from sizes "
+          f"{median['sizes']:.2f} s, processing every image {median['processing']:.2f} s: "
+          f"{median['processing'] / median['sizes']:.1f}× faster; lengths equal: "
+          f"{lengths['sizes'] == lengths['processing']}")
+    assert lengths["sizes"] == lengths["processing"]
 
 
 if __name__ == "__main__":

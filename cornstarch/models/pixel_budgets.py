@@ -151,9 +151,9 @@ def check_budget(key: str, processor: Any, config: Any = None, overrides: Mappin
         block = (patch * merge) ** 2
         low, high = budget["min_pixels"], budget["max_pixels"]
         if high is not None and high < block:
-            refuse(f"max_pixels={high} is smaller than one merged patch, (patch_size {patch} · merge_size {merge})² = "
-                   f"{block} pixels; the processor would still make {block}-pixel images. Raise max_pixels to at least "
-                   f"{block}.")
+            refuse(f"max_pixels={high} is smaller than one merged patch, (patch_size {patch} · merge_size "
+                   f"{merge})² = {block} pixels; the processor would still make {block}-pixel images. Raise "
+                   f"max_pixels to at least {block}.")
         if low is not None and high is not None and low > high:
             refuse(f"min_pixels={low} is larger than max_pixels={high}.")
     elif family == "siglip2":
