@@ -13,6 +13,10 @@ grid holds. What each family needs lives here:
 - :func:`cropped_images` and :func:`padded_images`: Pixtral's images, padded by its processor to the largest of
   each call, stored per sample without the padding and padded again to the largest of each batch.
 
+How many pixels each image keeps (``min_pixels``/``max_pixels``, ``max_num_patches``, ``longest_edge``) is the
+image processor's pixel budget: :mod:`cornstarch.models.pixel_budgets` reads and checks it, and counts an image's
+features from its size alone.
+
 Per family, the processor's outputs and the features per image:
 
 - Qwen2-VL, Qwen2.5-VL: ``pixel_values`` ``[patches, C·t·p²]`` (all images' patches end to end) and

@@ -153,6 +153,23 @@ def test_the_data_layer_measures_each_sample_under_its_budget_from_image_sizes(f
     assert sum(measured["tight"]) < sum(measured["loose"])
 
 
+def test_a_per_call_budget_is_measured_and_applied_alike():
+    """A budget given per call (the data module's ``processor_kwargs``) rules both the lengths and the batches."""
+    module, _ = native("siglip2")
+    model = MultimodalModel({"vision": ModalEncoderModule(module)}, tiny.llm("llama"))
+    processor = processor_for(model, budgeted_processor("siglip2", {"max_num_patches": 100}))
+    samples = [{"prompt": "<image> which digit ?", "answer": "three", "images": images([size], i)}
+               for i, size in enumerate([(90, 70), (30, 20)])]
+    lengths = {}
+    for patches in (100, 12):
+        collate = MultimodalCollator(processor, processor_kwargs={"max_num_patches": patches})
+        batch = collate(samples)
+        assert batch["spatial_shapes"].prod(-1).max() <= patches
+        lengths[patches] = sample_lengths(Dataset.from_list(samples), collate)
+        assert lengths[patches] == batch["attention_mask"].sum(1).tolist()
+    assert sum(lengths[12]) < sum(lengths[100])
+
+
 def test_an_image_whose_size_does_not_tell_is_processed_and_named():
     """Pixtral cannot resize a 2×60 image into 24 pixels a side: its sample is processed, and named."""
     module, _ = native("pixtral")
