@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .collator import MultimodalCollator, default_fields, too_long
 from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
+from .encoded_shards import EncodedSamples
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .raw import IndexedDataset, sample_lengths
 from .resume import ResumableLoader
@@ -185,7 +186,7 @@ class MultimodalDataModule(L.LightningDataModule):
         if split != "train" or self.pack or self.group_by_length:
             raise ValueError(f"A streamed split ({split}: streaming or path 'shards') can only be the train split, "
                              f"without pack or group_by_length.")
-        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed)
+        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed, self.collator(split))
 
     def _encode(self, split: str, dataset: Dataset) -> Dataset:
         """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
@@ -241,8 +242,11 @@ class MultimodalDataModule(L.LightningDataModule):
         if split not in self.datasets and split not in self.streams:
             self.setup()
         if split in self.streams:
-            stream = StreamingBatches(self.streams[split], self.batch_size,
-                                      WithSupervisedPositions(self.collator(split)), **self._ranks())
+            collate = self.collator(split)
+            if getattr(self.streams[split], "encoded", False):  # encoded shards: only padded
+                collate = EncodedSamples(collate)
+            stream = StreamingBatches(self.streams[split], self.batch_size, WithSupervisedPositions(collate),
+                                      **self._ranks())
             return self._resuming(StreamingLoader(stream, num_workers=self.num_workers,
                                                   epoch_length=self._epoch_length))
         if split not in self.datasets:
