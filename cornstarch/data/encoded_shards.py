@@ -23,7 +23,7 @@ from .collator import MultimodalCollator
 from .columns import TEXT_COLUMNS
 
 NPY_MAGIC = b"\x93NUMPY"
-_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}  # .npy header → (dtype, shape), per process
+_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # .npy header → (dtype, shape, size), per process
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -58,9 +58,10 @@ def npy_array(data: bytes) -> np.ndarray:
         dtype = np.dtype(spec["descr"])
         if dtype.hasobject or spec["fortran_order"]:
             raise ValueError("a .npy member of Python objects or in Fortran order")
-        known = _HEADERS[header] = (dtype, tuple(spec["shape"]))
-    dtype, shape = known
-    return np.frombuffer(data, dtype=dtype, offset=end, count=int(np.prod(shape))).reshape(shape)
+        shape = tuple(spec["shape"])
+        known = _HEADERS[header] = (dtype, shape, int(np.prod(shape)))
+    dtype, shape, size = known
+    return np.frombuffer(data, dtype=dtype, offset=end, count=size).reshape(shape)
 
 
 def sample_members(key: str, row: Any, columns: Mapping[str, list], i: int) -> list[tuple[str, bytes]]:
@@ -84,13 +85,14 @@ def sample_members(key: str, row: Any, columns: Mapping[str, list], i: int) -> l
 
 def read_sample(members: Mapping[str, bytes]) -> dict[str, Any]:
     """An encoded sample from its members (name → bytes, see :func:`sample_members`): its columns, and its source
-    row as ``INDEX_KEY`` (so errors name it)."""
+    row (the ``KEY`` of its names) as ``INDEX_KEY``, so errors name it."""
     sample: dict[str, Any] = {}
     for name, data in members.items():
-        if name.endswith(".npy"):
-            sample[name.split(".", 1)[1][:-4]] = npy_array(data)
-        elif name.endswith(".json"):
-            sample[INDEX_KEY] = json.loads(data)["key"]
+        key, rest = name.split(".", 1)
+        if rest.endswith(".npy"):
+            sample[rest[:-4]] = npy_array(data)
+        else:  # KEY.json: the key is the source row
+            sample[INDEX_KEY] = int(key)
     return sample
 
 

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cornstarch-shards/1"
 OPEN_SHARDS = 16  # shard files a worker keeps open
+PIPE_BYTES = 1 << 20  # tensors up to this size leave a loader worker pickled (see to_pipe)
+NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.float32, torch.float64}
 
 
 def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,13 +85,14 @@ def tar_members(data: bytes) -> dict[str, bytes]:
     >>> {name: len(value) for name, value in tar_members(out.getvalue()).items()}
     {'a.json': 2, 'a.0.png': 600}
     """
-    members, offset = {}, 0
-    while offset + 512 <= len(data) and data[offset:offset + 1] != b"\0":
+    members, offset, end = {}, 0, len(data)
+    while offset + 512 <= end and data[offset] != 0:
         header = data[offset:offset + 512]
         name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        members[f"{prefix}/{name}" if prefix else name] = data[offset + 512:offset + 512 + size]
+        if header[345]:  # a long name: its first part is in the prefix field
+            name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        members[name] = data[offset + 512:offset + 512 + size]
         offset += 512 + -(-size // 512) * 512
     return members
 
@@ -274,8 +278,44 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             sample.setdefault(INDEX_KEY, position)
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self.collate(batch)
+                collated = self.collate(batch)
+                yield collated if info is None else to_pipe(collated)
                 batch = []
+
+
+class _Piped:
+    """A tensor's values on their way from a loader worker, pickled as a NumPy array."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def to_pipe(batch: Any) -> Any:
+    """A worker's batch ready for the trip to the main process: tensors of at most ``PIPE_BYTES`` go pickled as
+    NumPy arrays (a copy through the pipe costs less than the shared-memory segment and file descriptor the loader
+    gives each tensor, which dominates for the small tensors of a padded batch); larger ones go as tensors, in shared
+    memory. :func:`from_pipe` makes them tensors again.
+
+    >>> batch = {"input_ids": torch.arange(6).view(2, 3), "answers": ["a", "b"]}
+    >>> back = from_pipe(to_pipe(batch))
+    >>> torch.equal(back["input_ids"], batch["input_ids"]), back["answers"]
+    (True, ['a', 'b'])
+    """
+    if not isinstance(batch, dict):
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.nbytes <= PIPE_BYTES and value.dtype in NUMPY_DTYPES:
+            value = _Piped(value.numpy())
+        out[key] = value
+    return out
+
+
+def from_pipe(batch: Any) -> Any:
+    """A batch from :func:`to_pipe` with its tensors back (sharing the arrays' memory)."""
+    if not isinstance(batch, dict):
+        return batch
+    return {k: torch.from_numpy(v.array) if isinstance(v, _Piped) else v for k, v in batch.items()}
 
 
 def _as_is(batch: Any) -> Any:
@@ -312,6 +352,9 @@ class StreamingLoader(ResumableLoader):
 
     def start_pass(self, epoch: int, batch: int) -> None:
         self.dataset.epoch, self.dataset.first = epoch, batch
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(from_pipe, super().__iter__())
 
 
 def is_streamed(spec: Any) -> bool:
