@@ -183,9 +183,14 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _stream(self, split: str, spec: DatasetSpec) -> Any:
         """The stream of a streamed split (train only; no packing or length grouping)."""
-        if split != "train" or self.pack or self.group_by_length:
-            raise ValueError(f"A streamed split ({split}: streaming or path 'shards') can only be the train split, "
-                             f"without pack or group_by_length.")
+        if split != "train":
+            raise ValueError(f"The {split} split is streamed (streaming: true or path: shards), but only the train "
+                             f"split streams: {split} reads its whole split in order at every pass, with generation "
+                             f"prompts and answers; read it map-style (e.g. path: json, format: llava; cache_dir keeps "
+                             f"its encoded samples on disk).")
+        if self.pack or self.group_by_length:
+            raise ValueError("A streamed train split cannot be packed or grouped by length (both need every "
+                             "sample's length before the epoch starts): set pack and group_by_length to false.")
         return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed, self.collator(split))
 
     def _encode(self, split: str, dataset: Dataset) -> Dataset:

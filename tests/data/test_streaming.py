@@ -136,3 +136,16 @@ def test_data_module_streams_and_resumes_mid_epoch_bit_for_bit(data, source):
         for got, want in zip(seen + rest, whole):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
         assert losses(mllm, rest) == losses(mllm, whole[4:]), "bit-identical losses"
+
+
+def test_a_stream_needs_its_epoch_size_and_only_the_train_split_streams(data):
+    root, path, _ = data
+    _, proc = make()
+    stream = DatasetSpec("json", data_files=path, format="llava", streaming=True)
+    with pytest.raises(ValueError, match="does not say how many samples it has .* set the spec's limit"):
+        MultimodalDataModule(train=stream, processor=proc).setup("fit")
+    shards = DatasetSpec("shards", data_dir=str(root / "encoded"))
+    with pytest.raises(ValueError, match="The val split is streamed .* only the train split streams"):
+        MultimodalDataModule(val=shards, processor=proc).setup("validate")
+    with pytest.raises(ValueError, match="cannot be packed or grouped by length"):
+        MultimodalDataModule(train=shards, processor=proc, group_by_length=True).setup("fit")

@@ -65,3 +65,10 @@ def test_prepare_refuses_a_split_it_cannot_convert(tmp_path):
     config, _ = write_config(tmp_path)
     with pytest.raises(ValueError, match="prepare converts a split read from one JSON file through a format"):
         main(["prepare", "--config", str(config), "--output_dir", str(tmp_path / "s"), "--data.train.format", "null"])
+
+
+def test_prepare_with_encode_false_writes_raw_shards(tmp_path):
+    config, _ = write_config(tmp_path)
+    main(["prepare", "--config", str(config), "--output_dir", str(tmp_path / "raw"), "--encode", "false"])
+    index = json.loads((tmp_path / "raw" / "index.json").read_text())
+    assert index["encoding"] is None and index["samples"] == ROWS - 1
