@@ -1,11 +1,14 @@
 """Convert a LLaVA / ShareGPT / messages-format JSON file and its image folder into tar shards for streaming.
 
-Run ``python -m cornstarch.data.prepare DATA.json --image-root IMAGES --out SHARDS`` (or call :func:`prepare`).
-Each sample becomes a ``KEY.json`` member (its messages, ``<image>`` where each image goes, and the names of its
-image members) followed by ``KEY.N.EXT`` members holding the image files' bytes: the WebDataset layout. ``index.json``
-records each sample's byte range (for :class:`~cornstarch.data.streaming.ShardStream`), and ``report.json`` the rows
-skipped, with their reasons, and the paths of corrupt images. Train on the shards with ``path: shards`` and
-``data_dir: SHARDS`` in a :class:`~cornstarch.data.DatasetSpec`.
+Run ``cornstarch prepare --config CONFIG --output_dir SHARDS`` (the config's ``data.train``, encoded with its
+model's processor: :func:`prepare_split`), ``python -m cornstarch.data.prepare DATA.json --image-root IMAGES --out
+SHARDS [--processor SAVED_PROCESSOR]``, or call :func:`prepare`. Shards use the WebDataset layout: each sample is a
+``KEY.json`` member followed by its ``KEY.NAME.npy`` columns when encoded for a processor
+(:mod:`~cornstarch.data.encoded_shards`), or by its ``KEY.N.EXT`` image files' bytes when raw (its messages, with
+``<image>`` where each image goes, in ``KEY.json``). ``index.json`` records each sample's byte range, source row and
+(encoded) token length, and what the samples were encoded with; ``report.json`` the rows skipped, with their
+reasons, and the paths of corrupt images. Train on the shards with ``path: shards`` and ``data_dir: SHARDS`` in a
+:class:`~cornstarch.data.DatasetSpec`.
 """
 
 from __future__ import annotations
@@ -238,7 +241,8 @@ class _ShardWriter:
 def prepare_split(datamodule: Any, out_dir: str, split: str = "train", encode: bool = True,
                   samples_per_shard: int = 1000, progress: bool = True) -> dict[str, Any]:
     """:func:`prepare` for a split of a :class:`~cornstarch.data.MultimodalDataModule` (what ``cornstarch prepare
-    --config ...`` runs): its data file, ``format`` and ``image_root``, encoded with its collator (``encode``).
+    --config ...`` runs): its data file, ``format`` and ``image_root``, encoded (``encode``) with the train collator
+    (streamed shards are train data).
 
     Raises:
         ValueError: if the split is not one JSON file read through a ``format`` (``path: json``, ``data_files``,
@@ -250,7 +254,7 @@ def prepare_split(datamodule: Any, out_dir: str, split: str = "train", encode: b
         raise ValueError(f"prepare converts a split read from one JSON file through a format (data.{split}: path: "
                          f"json, data_files: one .json or .jsonl file, format: llava | sharegpt | messages); "
                          f"data.{split} is {spec!r}.")
-    collator = datamodule.collator(split, max_length=None) if encode else None
+    collator = datamodule.collator("train", max_length=None) if encode else None  # shards are read for training
     return prepare(files[0], out_dir, spec.image_root or spec.base_dir, spec.format, samples_per_shard, progress,
                    collator)
 
