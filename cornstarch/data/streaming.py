@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cornstarch-shards/1"
 OPEN_SHARDS = 16  # shard files a worker keeps open
-PIPE_BYTES = 1 << 20  # tensors up to this size leave a loader worker pickled (see to_pipe)
+PIPE_BYTES = 1 << 18  # tensors up to this size leave a loader worker pickled (see to_pipe; bench/worker_transfer.py)
 NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                 torch.float32, torch.float64}
 
