@@ -1,10 +1,13 @@
 """A large LLaVA-format set: train-loader speed against the demo model's training, and memory as the set grows.
 
 A synthetic LLaVA-Instruct-style set (one 8×8 PNG per row, written under ``--root``; single and multi-turn rows) at
-each size of ``--sizes``, read two ways with the default demo model's processor and batch:
+each size of ``--sizes``, read three ways with the default demo model's processor and batch:
 
-- streamed: converted to tar shards (:func:`cornstarch.data.prepare.prepare`), ``path: shards``
-  (:mod:`cornstarch.data.streaming`), ``--workers`` worker processes decoding, processing and collating each batch;
+- encoded shards: converted by :func:`cornstarch.data.prepare.prepare` with the train collator (token ids, labels
+  and processed pixels as ``.npy`` members, what ``cornstarch prepare --config ...`` writes), ``path: shards``,
+  ``--workers`` worker processes reading, shuffling and padding;
+- raw shards: converted without a processor (messages and PNG bytes), the workers decoding, processing and
+  tokenizing every batch;
 - encoded on disk: the JSON read with ``format: llava``, encoded once at setup into ``cache_dir`` and read
   memory-mapped (``preprocess: true``, the default; no workers).
 
@@ -16,6 +19,8 @@ loader's last batch, so that the ratio compares figures taken under the same loa
 loader/train >= 20, memory < 1.5 GB and flat from the smallest size to the largest.
 
     OMP_NUM_THREADS=1 python bench/streaming_throughput.py [--sizes 50000 200000] [--workers 2] [--batches 400]
+        [--ways encoded-shards raw-shards encoded-on-disk]
+    OMP_NUM_THREADS=1 python bench/streaming_throughput.py --member-costs   # per-batch costs of what a shard holds
 """
 
 from __future__ import annotations
@@ -39,26 +44,73 @@ from cornstarch.data.prepare import prepare  # noqa: E402
 from tests.data.llava_data import llava_rows, write_images  # noqa: E402
 
 
-def dataset(root: str, size: int) -> str:
-    """Shards of ``size`` LLaVA rows (one image each, ``root/images`` shared by the sizes), made once and reused."""
-    shards = os.path.join(root, f"shards-{size}")
-    if os.path.isfile(os.path.join(shards, "index.json")):
-        return shards
+WAYS = {"encoded-shards": "encoded shards", "raw-shards": "raw shards", "encoded-on-disk": "encoded on disk"}
+
+
+def dataset(root: str, size: int) -> None:
+    """``size`` LLaVA rows (one image each, ``root/images`` shared by the sizes) as raw and as encoded shards, made
+    once and reused."""
     done = os.path.join(root, "images", "written")  # how many images are complete
     have = int(open(done).read()) if os.path.isfile(done) else 0
-    start = time.perf_counter()
-    names = write_images(root, size, start=min(have, size))
-    if have < size:
-        with open(done, "w") as f:
-            f.write(str(size))
-        print(f"    wrote {size - have} 8x8 PNGs in {time.perf_counter() - start:.0f} s")
     path = os.path.join(root, f"data-{size}.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in llava_rows(size, names, images_per_row=1))
-    start = time.perf_counter()
-    report = prepare(path, shards, progress=False)
-    print(f"    prepare: {report['samples']} samples, {report['shards']} shards in {time.perf_counter() - start:.0f} s")
-    return shards
+    if have < size or not os.path.isfile(path):
+        start = time.perf_counter()
+        names = write_images(root, size, start=min(have, size))
+        if have < size:
+            with open(done, "w") as f:
+                f.write(str(size))
+            print(f"    wrote {size - have} 8x8 PNGs in {time.perf_counter() - start:.0f} s")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in llava_rows(size, names, images_per_row=1))
+    for kind in ("raw", "encoded"):
+        shards = os.path.join(root, f"{kind}-shards-{size}")
+        if os.path.isfile(os.path.join(shards, "index.json")):
+            continue
+        collator = None
+        if kind == "encoded":
+            module, data, _ = demo()
+            data.processor = module.processor
+            collator = data.collator("train")
+        start = time.perf_counter()
+        report = prepare(path, shards, progress=False, collator=collator)
+        size_gb = sum(e.stat().st_size for e in os.scandir(shards)) / 1e9
+        print(f"    prepare ({kind}): {report['samples']} samples, {report['shards']} shards ({size_gb:.2f} GB) in "
+              f"{time.perf_counter() - start:.0f} s")
+
+
+def member_costs(batch: int = 32, repeats: int = 50) -> None:
+    """Per batch of the demo's 8×8 images: decoding the PNGs, processing decoded arrays, and reading processed
+    arrays from ``.npy`` members (``npy_array``, and ``np.load`` for comparison): what a shard could hold."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cornstarch.data.encoded_shards import npy_array, npy_bytes
+
+    module, _, _ = demo()
+    image_processor = module.processor.encoder_processors["vision"]
+    arrays = [np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8) for i in range(batch)]
+    pngs = []
+    for array in arrays:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG")
+        pngs.append(out.getvalue())
+    members = [npy_bytes(x[None]) for x in image_processor(arrays, return_tensors="np")["pixel_values"]]
+    runs = {
+        "decode PNGs": lambda: [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs],
+        "process decoded arrays": lambda: image_processor(arrays, return_tensors="np"),
+        "read processed .npy (npy_array)": lambda: [npy_array(m) for m in members],
+        "read processed .npy (np.load)": lambda: [np.load(io.BytesIO(m)) for m in members],
+    }
+    print(f"per batch of {batch} 8x8 images (median of {repeats}):")
+    for name, run in runs.items():
+        times = []
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        print(f"    {name:34s} {sorted(times[3:])[repeats // 2] * 1e3:7.3f} ms")
 
 
 class PeakMemory(threading.Thread):
@@ -88,9 +140,10 @@ def measure(args: argparse.Namespace, size: int, path: str) -> dict:
     memory, and the demo model's train rate on the loader's last batch, measured right after it."""
     module, data, _ = demo()
     common = dict(processor=module.processor, batch_size=data.batch_size)
-    if path == "streamed":
-        dm = MultimodalDataModule(train=DatasetSpec("shards", data_dir=os.path.join(args.root, f"shards-{size}")),
-                                  shuffle_buffer=1000, num_workers=args.workers, **common)
+    if path.endswith("-shards"):
+        shards = os.path.join(args.root, f"{path.split('-')[0]}-shards-{size}")
+        dm = MultimodalDataModule(train=DatasetSpec("shards", data_dir=shards), shuffle_buffer=1000,
+                                  num_workers=args.workers, **common)
     else:
         spec = DatasetSpec("json", data_files=os.path.join(args.root, f"data-{size}.jsonl"), format="llava",
                            image_root=args.root)
@@ -124,25 +177,31 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=400)
     parser.add_argument("--steps", type=int, default=20, help="train steps timed")
     parser.add_argument("--cache", default="/tmp/cornstarch-stream-bench-cache", help="cache_dir of the encoded path")
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--member-costs", action="store_true", help="only time what a shard's members cost")
     parser.add_argument("--measure", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.member_costs:
+        member_costs()
+        return
     if args.measure:
         print(json.dumps(measure(args, int(args.measure[0]), args.measure[1])))
         return
-    print(f"demo model's processor and batch 32; {args.batches} batches per loader; each measured in a fresh process")
+    print(f"demo model's processor and batch 32; {args.batches} batches per loader; each measured in a fresh process; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for size in args.sizes:
         dataset(args.root, size)
-        for path in ("streamed", "encoded"):
+        for path in args.ways:
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure", str(size), path],
                                    capture_output=True, text=True, check=True)
             r = json.loads(child.stdout.strip().splitlines()[-1])
-            name = f"streamed shards ({args.workers} workers)" if path == "streamed" else "encoded on disk"
+            name = WAYS[path] + (f" ({args.workers} workers)" if path.endswith("-shards") else "")
             print(f"    {size:>7} samples, {name}: setup {r['setup']:6.1f} s, loader {r['rate']:8.1f} samples/s, "
                   f"train {r['train']:6.1f} samples/s: ratio {r['rate'] / r['train']:5.1f}x (target >= 20); "
                   f"peak RSS {r['rss']:.2f} GB (private {r['private']:.2f}) of the largest process, PSS of all "
-                  f"{r['pss']:.2f} GB", flush=True)
+                  f"{r['pss']:.2f} GB; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

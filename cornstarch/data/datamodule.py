@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..batch import INDEX_KEY
 from .collator import MultimodalCollator, default_fields, too_long
 from .encoded import EncodedCollate, EncodedDataset, encode_split, encoded_lengths
+from .encoded_shards import EncodedSamples
 from .packing import BatchIndexed, PackedBatchSampler, PackingCollate, WithSupervisedPositions
 from .raw import IndexedDataset, sample_lengths
 from .resume import ResumableLoader
@@ -183,10 +184,15 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _stream(self, split: str, spec: DatasetSpec) -> Any:
         """The stream of a streamed split (train only; no packing or length grouping)."""
-        if split != "train" or self.pack or self.group_by_length:
-            raise ValueError(f"A streamed split ({split}: streaming or path 'shards') can only be the train split, "
-                             f"without pack or group_by_length.")
-        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed)
+        if split != "train":
+            raise ValueError(f"The {split} split is streamed (streaming: true or path: shards), but only the train "
+                             f"split streams: {split} reads its whole split in order at every pass, with generation "
+                             f"prompts and answers; read it map-style (e.g. path: json, format: llava; cache_dir keeps "
+                             f"its encoded samples on disk).")
+        if self.pack or self.group_by_length:
+            raise ValueError("A streamed train split cannot be packed or grouped by length (both need every "
+                             "sample's length before the epoch starts): set pack and group_by_length to false.")
+        return open_stream(spec, self._placeholder(), self.shuffle_buffer, self.seed, self.collator(split))
 
     def _encode(self, split: str, dataset: Dataset) -> Dataset:
         """The split encoded once (:func:`~cornstarch.data.encoded.encode_split`); an empty split raises first."""
@@ -252,8 +258,11 @@ class MultimodalDataModule(L.LightningDataModule):
         if split not in self.datasets and split not in self.streams:
             self.setup()
         if split in self.streams:
-            stream = StreamingBatches(self.streams[split], self.batch_size,
-                                      WithSupervisedPositions(self.collator(split)), **self._ranks())
+            collate = self.collator(split)
+            if getattr(self.streams[split], "encoded", False):  # encoded shards: only padded
+                collate = EncodedSamples(collate)
+            stream = StreamingBatches(self.streams[split], self.batch_size, WithSupervisedPositions(collate),
+                                      **self._ranks())
             return self._resuming(StreamingLoader(stream, num_workers=self.num_workers,
                                                   epoch_length=self._epoch_length))
         if split not in self.datasets:

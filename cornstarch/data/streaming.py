@@ -2,8 +2,9 @@
 
 Two kinds of stream:
 
-- :class:`ShardStream`: the tar shards :mod:`~cornstarch.data.prepare` writes (WebDataset layout: each sample is a
-  ``KEY.json`` member followed by its ``KEY.N.EXT`` images, so ``webdataset``/``tar`` read them too) plus an
+- :class:`ShardStream`: the tar shards :mod:`~cornstarch.data.prepare` writes (WebDataset layout, so
+  ``webdataset``/``tar`` read them too: each sample is a ``KEY.json`` member followed by its ``KEY.N.EXT`` images,
+  or, encoded for a processor, by its ``KEY.NAME.npy`` columns, see :mod:`~cornstarch.data.encoded_shards`) plus an
   ``index.json`` of each sample's byte range. Each epoch the shards are taken in a seeded random order and the
   samples go through a seeded shuffle buffer; every rank and worker computes that order from the index alone (no
   bytes read) and reads only its own samples, each with one ``seek`` and one ``read``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import io  # noqa: F401  (the docstring examples use it)
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,12 +34,20 @@ import torch
 from datasets import IterableDataset as HFIterableDataset
 
 from ..batch import INDEX_KEY
+from .collator import too_long
+from .encoded_shards import read_sample
+from .fingerprint import check_fingerprint, encoding_fingerprint
 from .formats import SOURCE_PLACEHOLDER
 from .resume import ResumableLoader
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cornstarch-shards/1"
 OPEN_SHARDS = 16  # shard files a worker keeps open
+PIPE_BYTES = 1 << 18  # tensors up to this size leave a loader worker pickled (see to_pipe; bench/worker_transfer.py)
+NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.float32, torch.float64}
 
 
 def buffer_shuffle(order: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,40 +85,53 @@ def tar_members(data: bytes) -> dict[str, bytes]:
     >>> {name: len(value) for name, value in tar_members(out.getvalue()).items()}
     {'a.json': 2, 'a.0.png': 600}
     """
-    members, offset = {}, 0
-    while offset + 512 <= len(data) and data[offset:offset + 1] != b"\0":
+    members, offset, end = {}, 0, len(data)
+    while offset + 512 <= end and data[offset] != 0:
         header = data[offset:offset + 512]
         name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        members[f"{prefix}/{name}" if prefix else name] = data[offset + 512:offset + 512 + size]
+        if header[345]:  # a long name: its first part is in the prefix field
+            name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        members[name] = data[offset + 512:offset + 512 + size]
         offset += 512 + -(-size // 512) * 512
     return members
 
 
 class ShardStream:
-    """Samples of the tar shards in ``directory`` (written by :func:`~cornstarch.data.prepare.prepare`).
+    """Samples of the tar shards in ``directory`` (written by :func:`~cornstarch.data.prepare.prepare`): raw (messages
+    and image bytes, collated by the loader) or encoded (:mod:`~cornstarch.data.encoded_shards`: only padded).
 
     Args:
         directory: the folder holding ``index.json`` and the shards.
         shuffle_buffer: samples in the shuffle buffer (``0``: shards and samples in order).
         seed: seed of the shard order and the buffer, with the epoch.
-        placeholder: the model's image token, put where the source text has ``<image>``.
+        placeholder: the model's image token, put where raw shards' text has ``<image>``.
         limit: read only the first ``limit`` samples (of the shards in their written order).
+        fingerprint: the run's :func:`~cornstarch.data.fingerprint.encoding_fingerprint`; encoded shards made with
+            another processor are refused (``None``: not checked).
+        max_length, on_too_long: encoded samples longer than ``max_length`` tokens raise (``"error"``) or are left
+            out of every epoch (``"skip"``), from the lengths ``index.json`` records (raw shards: the collator's).
 
     Raises:
         FileNotFoundError: if ``directory`` has no ``index.json``.
+        ValueError: for encoded shards whose fingerprint differs from ``fingerprint``.
+        SampleError: naming the source row of the first encoded sample longer than ``max_length``, with
+            ``on_too_long="error"``.
     """
 
     def __init__(self, directory: str, shuffle_buffer: int = 1000, seed: int = 0,
-                 placeholder: str = SOURCE_PLACEHOLDER, limit: int | None = None):
+                 placeholder: str = SOURCE_PLACEHOLDER, limit: int | None = None,
+                 fingerprint: dict[str, str] | None = None, max_length: int | None = None, on_too_long: str = "error"):
         path = os.path.join(directory, INDEX_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory!r} has no {INDEX_FILE}: write shards with "
-                                    f"`python -m cornstarch.data.prepare` (cornstarch.data.prepare.prepare).")
+            raise FileNotFoundError(f"{directory!r} has no {INDEX_FILE}: write shards with `cornstarch prepare "
+                                    f"--config ...` or `python -m cornstarch.data.prepare`.")
         with open(path) as f:
             index = json.load(f)
         self.directory = directory
+        self.encoding = index.get("encoding")
+        if self.encoding is not None and fingerprint is not None:
+            check_fingerprint(self.encoding["fingerprint"], fingerprint, f"{directory!r} (encoded shards)")
         self.files = [os.path.join(directory, shard["file"]) for shard in index["shards"]]
         offsets = [np.asarray(shard["offsets"], dtype=np.int64) for shard in index["shards"]]
         self.first = np.cumsum([0] + [len(o) - 1 for o in offsets])  # first sample id of each shard
@@ -116,8 +139,29 @@ class ShardStream:
         self.end = np.concatenate([o[1:] for o in offsets]) if offsets else np.zeros(0, np.int64)
         self.shard = np.repeat(np.arange(len(offsets)), [len(o) - 1 for o in offsets])
         self.shuffle_buffer, self.seed, self.placeholder = shuffle_buffer, seed, placeholder
-        self.samples = len(self.start) if limit is None else min(limit, len(self.start))
+        written = len(self.start) if limit is None else min(limit, len(self.start))
+        self.kept = np.arange(len(self.start)) < written  # [samples]: the samples each epoch reads
+        if self.encoding is not None and max_length is not None:
+            self._fit(index["shards"], max_length, on_too_long)
+        self.samples = int(self.kept.sum())
         self._handles: dict[int, Any] = {}
+
+    def _fit(self, shards: list[dict[str, Any]], max_length: int, on_too_long: str) -> None:
+        lengths = np.concatenate([np.asarray(shard["lengths"], dtype=np.int64) for shard in shards])
+        over = np.flatnonzero(self.kept & (lengths > max_length))
+        if len(over) and on_too_long == "error":
+            rows = [row for shard in shards for row in shard["rows"]]
+            raise too_long(rows[over[0]], int(lengths[over[0]]), max_length)
+        if len(over):
+            log.warning("%s: left out %d of %d encoded samples longer than max_length=%d", self.directory, len(over),
+                        int(self.kept.sum()), max_length)
+        self.kept[over] = False
+
+    @property
+    def encoded(self) -> bool:
+        """Whether the shards hold encoded samples (collate them with
+        :class:`~cornstarch.data.encoded_shards.EncodedSamples`)."""
+        return self.encoding is not None
 
     def __len__(self) -> int:
         return self.samples
@@ -125,16 +169,17 @@ class ShardStream:
     def refs(self, epoch: int) -> Iterator[int]:
         """Sample ids in the order of ``epoch``: shards shuffled, then the shuffle buffer."""
         if not self.shuffle_buffer:
-            return iter(range(self.samples))
+            return iter(np.flatnonzero(self.kept).tolist())
         rng = np.random.default_rng([self.seed, epoch])
         shards = rng.permutation(len(self.files))
         order = np.concatenate([np.arange(self.first[s], self.first[s + 1]) for s in shards]) if len(shards) else \
             np.zeros(0, np.int64)
-        order = buffer_shuffle(order[order < self.samples], self.shuffle_buffer, rng)
+        order = buffer_shuffle(order[self.kept[order]], self.shuffle_buffer, rng)
         return (int(ref) for start in range(0, len(order), 4096) for ref in order[start:start + 4096].tolist())
 
     def load(self, ref: int) -> dict[str, Any]:
-        """Sample ``ref``: its ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
+        """Sample ``ref``: encoded, its columns (:func:`~cornstarch.data.encoded_shards.read_sample`); raw, its
+        ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
         shard = int(self.shard[ref])
         handle = self._handles.get(shard)
         if handle is None:
@@ -142,8 +187,9 @@ class ShardStream:
                 self._handles.pop(next(iter(self._handles))).close()
             handle = self._handles[shard] = open(self.files[shard], "rb")  # noqa: SIM115 (kept open, per worker)
         handle.seek(int(self.start[ref]))
-        data = handle.read(int(self.end[ref] - self.start[ref]))
-        members = tar_members(data)
+        members = tar_members(handle.read(int(self.end[ref] - self.start[ref])))
+        if self.encoding is not None:
+            return read_sample(members)
         meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
         messages = [{"role": m["role"], "content": m["content"].replace(SOURCE_PLACEHOLDER, self.placeholder)}
                     for m in meta["messages"]]
@@ -232,8 +278,44 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             sample.setdefault(INDEX_KEY, position)
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield self.collate(batch)
+                collated = self.collate(batch)
+                yield collated if info is None else to_pipe(collated)
                 batch = []
+
+
+class _Piped:
+    """A tensor's values on their way from a loader worker, pickled as a NumPy array."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def to_pipe(batch: Any) -> Any:
+    """A worker's batch ready for the trip to the main process: tensors of at most ``PIPE_BYTES`` go pickled as
+    NumPy arrays (a copy through the pipe costs less than the shared-memory segment and file descriptor the loader
+    gives each tensor, which dominates for the small tensors of a padded batch); larger ones go as tensors, in shared
+    memory. :func:`from_pipe` makes them tensors again.
+
+    >>> batch = {"input_ids": torch.arange(6).view(2, 3), "answers": ["a", "b"]}
+    >>> back = from_pipe(to_pipe(batch))
+    >>> torch.equal(back["input_ids"], batch["input_ids"]), back["answers"]
+    (True, ['a', 'b'])
+    """
+    if not isinstance(batch, dict):
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.nbytes <= PIPE_BYTES and value.dtype in NUMPY_DTYPES:
+            value = _Piped(value.numpy())
+        out[key] = value
+    return out
+
+
+def from_pipe(batch: Any) -> Any:
+    """A batch from :func:`to_pipe` with its tensors back (sharing the arrays' memory)."""
+    if not isinstance(batch, dict):
+        return batch
+    return {k: torch.from_numpy(v.array) if isinstance(v, _Piped) else v for k, v in batch.items()}
 
 
 def _as_is(batch: Any) -> Any:
@@ -271,27 +353,42 @@ class StreamingLoader(ResumableLoader):
     def start_pass(self, epoch: int, batch: int) -> None:
         self.dataset.epoch, self.dataset.first = epoch, batch
 
+    def __iter__(self) -> Iterator[Any]:
+        return map(from_pipe, super().__iter__())
+
 
 def is_streamed(spec: Any) -> bool:
     """Whether a split's spec is read as a stream (``streaming: true``, or ``path: shards``)."""
     return bool(getattr(spec, "streaming", False)) or getattr(spec, "path", None) == "shards"
 
 
-def open_stream(spec: Any, placeholder: str | None, shuffle_buffer: int = 1000, seed: int = 0) -> Any:
+def open_stream(spec: Any, placeholder: str | None, shuffle_buffer: int = 1000, seed: int = 0,
+                collator: Any = None) -> Any:
     """The stream of a :class:`~cornstarch.data.DatasetSpec`: the shards in its ``data_dir`` (``path: shards``), or
     ``load_dataset(..., streaming=True)`` read through its ``format``.
 
+    Args:
+        spec: the split's spec.
+        placeholder: the model's image token.
+        shuffle_buffer, seed: the stream's shuffle.
+        collator: the split's collator: encoded shards must have been made with its processor and settings, and its
+            ``max_length``/``on_too_long`` apply to them.
+
     Raises:
-        ValueError: for shards without ``data_dir``, or a stream that does not say how many samples it has and no
-            ``limit``.
+        ValueError: for shards without ``data_dir``, encoded shards made with another processor, or a stream that
+            does not say how many samples it has and no ``limit``.
     """
     if spec.path == "shards":
         if not spec.data_dir:
             raise ValueError("A 'shards' split needs data_dir: the folder prepare wrote.")
-        return ShardStream(spec.data_dir, shuffle_buffer, seed, placeholder or SOURCE_PLACEHOLDER, spec.limit)
+        checks = {} if collator is None else dict(fingerprint=encoding_fingerprint(collator),
+                                                  max_length=collator.max_length, on_too_long=collator.on_too_long)
+        return ShardStream(spec.data_dir, shuffle_buffer, seed, placeholder or SOURCE_PLACEHOLDER, spec.limit,
+                           **checks)
     dataset = spec.load(placeholder)
     samples = _known_size(dataset) if spec.limit is None else spec.limit
     if samples is None:
-        raise ValueError(f"The stream of {spec.path!r} does not say how many samples it has: set the spec's limit "
-                         f"(samples per epoch).")
+        raise ValueError(f"The stream of {spec.path!r} does not say how many samples it has (a load_dataset stream "
+                         f"rarely does): set the spec's limit to the samples per epoch (--data.train.limit N); "
+                         f"the epoch ends after limit // (ranks * batch_size) batches.")
     return HFStream(dataset, shuffle_buffer, seed, samples)

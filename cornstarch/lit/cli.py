@@ -1,9 +1,11 @@
-"""The ``cornstarch`` command: LightningCLI(MultimodalLitModule, MultimodalDataModule) plus ``export``.
+"""The ``cornstarch`` command: LightningCLI(MultimodalLitModule, MultimodalDataModule) plus ``export`` and
+``prepare``.
 
     cornstarch fit --config experiments/digits_vlm.yaml
     cornstarch validate --config experiments/digits_vlm.yaml --ckpt_path runs/digits_vlm/checkpoints/last.ckpt
     cornstarch export --config experiments/digits_vlm.yaml --ckpt_path ... --output_dir exported/
     cornstarch export --config experiments/gpu/llava15_7b_finetune.yaml --ckpt_path ... --format hf
+    cornstarch prepare --config my_llava.yaml --output_dir data/shards   # data.train's JSON → encoded tar shards
     cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path last   # resume; an error if there is none
     cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path auto   # resume if possible (requeued jobs)
 
@@ -175,12 +177,39 @@ class CornstarchTrainer(L.Trainer):
         return output_dir
 
 
+    def prepare(self, model: MultimodalLitModule, datamodule: MultimodalDataModule, output_dir: str,
+                split: str = "train", encode: bool = True, samples_per_shard: int = 1000) -> dict[str, Any]:
+        """Convert a split's LLaVA / ShareGPT / messages JSON and its images into tar shards for streaming
+        (:func:`~cornstarch.data.prepare.prepare_split`), with a progress bar; rows with a corrupt or missing image
+        (or otherwise bad) are skipped, counted and listed in ``output_dir/report.json``.
+
+        Args:
+            model: the module (built from the config): its processor encodes the samples.
+            datamodule: the data module; ``data.{split}`` names the JSON file, its ``format`` and ``image_root``.
+            output_dir: the folder for the shards; train on them with ``data.train: {path: shards, data_dir: ...}``.
+            split: the split to convert.
+            encode: write encoded samples (token ids, labels, processed pixels; the default: streaming only reads
+                and pads them, for this processor only); ``false``: raw samples, processed while training.
+            samples_per_shard: samples per tar shard.
+
+        Returns:
+            The report (see :func:`~cornstarch.data.prepare.prepare`).
+        """
+        from ..data.prepare import prepare_split, summary
+
+        if datamodule.processor is None:
+            datamodule.processor = model.processor
+        report = prepare_split(datamodule, output_dir, split, encode, samples_per_shard)
+        print(summary(report, output_dir))
+        return report
+
+
 class CornstarchCLI(LightningCLI):
-    """LightningCLI with ``export`` and a clear error for a checkpoint path that does not exist."""
+    """LightningCLI with ``export``, ``prepare`` and a clear error for a checkpoint path that does not exist."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "prepare": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, {}) if self.subcommand else self.config

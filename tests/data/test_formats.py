@@ -114,10 +114,11 @@ def test_a_llava_json_trains_through_the_data_module_and_bad_rows_are_skipped_by
         assert torch.isfinite(mllm(**{k: v for k, v in batch.items() if k != "supervised_positions"}).loss)
 
 
-def test_the_documented_llava_config_parses_and_trains(tmp_path):
-    """docs/data.md's "Bring your own data" config, its paths pointed at a generated LLaVA set, through the CLI's
-    parser (the data module's signature is the YAML schema)."""
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "data.md")).read()
+@pytest.mark.parametrize("document", ["docs/data.md", "README.md"])
+def test_the_documented_llava_config_parses_and_trains(tmp_path, document):
+    """The "Bring your own data" config of docs/data.md and of the README, its paths pointed at a generated LLaVA
+    set, through the CLI's parser (the data module's signature is the YAML schema)."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", document)).read()
     block = doc.split("## Bring your own data", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     path = write_llava(str(tmp_path), 8)
     text = (block.replace("data/llava_instruct.json", path).replace("data/llava_val.json", path)

@@ -1,6 +1,6 @@
 """Streaming: prepare writes tar shards (corrupt images skipped and reported); the stream reshuffles per epoch, deals
 samples to ranks and workers without overlap, and a resumed loader gives the uninterrupted run's batches bit for bit
-(shards and ``datasets`` streams, workers, ranks, mid-epoch), and the same losses."""
+(raw and encoded shards and ``datasets`` streams, workers, ranks, mid-epoch), and the same losses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from itertools import islice
 import pytest
 import torch
 
-from cornstarch.data import DatasetSpec, MultimodalDataModule
+from cornstarch.data import DatasetSpec, MultimodalCollator, MultimodalDataModule
 from cornstarch.data.prepare import main as prepare_main
 from cornstarch.data.prepare import prepare
 from cornstarch.data.streaming import ShardStream, StreamingBatches, StreamingLoader
@@ -32,6 +32,9 @@ def data(tmp_path_factory):
         f.write(b"\x89PNG not really")
     os.remove(root / rows[4]["image"])
     report = prepare(path, str(root / "shards"), samples_per_shard=7, progress=False)
+    encoded = prepare(path, str(root / "encoded"), samples_per_shard=7, progress=False,
+                      collator=MultimodalCollator(make()[1]))
+    assert encoded["samples"] == report["samples"] and encoded["corrupt_images"] == report["corrupt_images"]
     return root, path, report
 
 
@@ -49,7 +52,11 @@ def test_prepare_writes_webdataset_shards_and_reports_skipped_rows(data, tmp_pat
                          "000000005.0.png", "000000005.1.png"], "each sample: KEY.json then its KEY.N.png images"
     assert meta["images"] == ["000000001.0.png"] and meta["messages"][0]["content"].count("<image>") == 1
     assert prepare_main([path, "--out", str(tmp_path / "cli"), "--samples-per-shard", "100"])["samples"] == ROWS - 2
-    assert "58 of 60 rows written to 1 shards" in capsys.readouterr().out
+    assert "58 of 60 rows written (raw) to 1 shards" in capsys.readouterr().out
+    make()[1].save_pretrained(tmp_path / "processor")  # encoded with a saved processor
+    encoded = prepare_main([path, "--out", str(tmp_path / "encoded"), "--processor", str(tmp_path / "processor")])
+    assert encoded["encoded"] and encoded["samples"] == ROWS - 2
+    assert "58 of 60 rows written (encoded) to 1 shards" in capsys.readouterr().out
 
 
 def test_each_epoch_is_a_new_shuffle_of_every_sample(data):
@@ -71,9 +78,10 @@ def loader(shards: str, rank: int = 0, ranks: int = 1, workers: int = 0, batch: 
                            num_workers=workers)
 
 
+@pytest.mark.parametrize("kind", ["shards", "encoded"])
 @pytest.mark.parametrize("ranks, workers", [(1, 0), (1, 2), (2, 2)])
-def test_ranks_and_workers_share_an_epoch_without_overlap_and_resume_at_every_batch(data, ranks, workers):
-    shards = str(data[0] / "shards")
+def test_ranks_and_workers_share_an_epoch_without_overlap_and_resume_at_every_batch(data, ranks, workers, kind):
+    shards = str(data[0] / kind)
     whole = {r: [b for loader_ in [loader(shards, r, ranks)] for _ in range(2) for b in loader_] for r in range(ranks)}
     length = (ROWS - 2) // (ranks * 3)
     epoch0 = [k for r in range(ranks) for b in whole[r][:length] for k in b]
@@ -104,12 +112,12 @@ def losses(mllm, batches) -> list[float]:
         return [float(mllm(**{k: v for k, v in b.items() if k != "supervised_positions"}).loss) for b in batches]
 
 
-@pytest.mark.parametrize("source", ["shards", "datasets_stream"])
+@pytest.mark.parametrize("source", ["shards", "encoded", "datasets_stream"])
 def test_data_module_streams_and_resumes_mid_epoch_bit_for_bit(data, source):
     root, path, _ = data
     mllm, proc = make()
-    if source == "shards":
-        spec = DatasetSpec("shards", data_dir=str(root / "shards"))
+    if source in ("shards", "encoded"):
+        spec = DatasetSpec("shards", data_dir=str(root / source))
     else:  # the rows prepare skipped left out (the stream would raise at row 2's corrupt image)
         clean = root / "clean.jsonl"
         clean.write_text("".join(json.dumps(row) + "\n" for i, row in enumerate(json.load(open(path))) if i not in (2, 4)))
@@ -128,3 +136,16 @@ def test_data_module_streams_and_resumes_mid_epoch_bit_for_bit(data, source):
         for got, want in zip(seen + rest, whole):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
         assert losses(mllm, rest) == losses(mllm, whole[4:]), "bit-identical losses"
+
+
+def test_a_stream_needs_its_epoch_size_and_only_the_train_split_streams(data):
+    root, path, _ = data
+    _, proc = make()
+    stream = DatasetSpec("json", data_files=path, format="llava", streaming=True)
+    with pytest.raises(ValueError, match="does not say how many samples it has .* set the spec's limit"):
+        MultimodalDataModule(train=stream, processor=proc).setup("fit")
+    shards = DatasetSpec("shards", data_dir=str(root / "encoded"))
+    with pytest.raises(ValueError, match="The val split is streamed .* only the train split streams"):
+        MultimodalDataModule(val=shards, processor=proc).setup("validate")
+    with pytest.raises(ValueError, match="cannot be packed or grouped by length"):
+        MultimodalDataModule(train=shards, processor=proc, group_by_length=True).setup("fit")

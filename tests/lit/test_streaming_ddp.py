@@ -1,6 +1,6 @@
-"""Streamed shards under DDP with 2 CPU processes and 2 loader workers each: the same global batches (and losses) as
-one process with twice the batch, and a run resumed mid-epoch from a checkpoint continues with bit-identical losses
-and parameters on both ranks."""
+"""Streamed shards (raw and encoded) under DDP with 2 CPU processes and 2 loader workers each: the same global
+batches (and losses) as one process with twice the batch, and a run resumed mid-epoch from a checkpoint continues with
+bit-identical losses and parameters on both ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from cornstarch.data import MultimodalCollator
 from cornstarch.data.prepare import prepare
 from cornstarch.demo import digits_vlm_dataset
 from tests.lit import distributed_run as dr
@@ -16,9 +17,10 @@ from tests.lit.test_strategies import BATCH, RESUME_STEP, STEPS, check_resume, l
 DATA = {"num_workers": 2, "shuffle_buffer": 8}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    """16 train digits (8×8 PNGs) as LLaVA rows, written to tar shards of 5 samples."""
+@pytest.fixture(scope="module", params=["raw", pytest.param("encoded", marks=pytest.mark.slow)])
+def shards(request, tmp_path_factory) -> str:
+    """16 train digits (8×8 PNGs) as LLaVA rows, written to tar shards of 5 samples: raw, or encoded with the
+    trained module's processor."""
     root = tmp_path_factory.mktemp("digits")
     rows = []
     for i, row in enumerate(digits_vlm_dataset("train", image_size=8, n=16)):
@@ -26,7 +28,10 @@ def shards(tmp_path_factory) -> str:
         rows.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": row["messages"][0]["content"]},
                                                             {"from": "gpt", "value": row["messages"][1]["content"]}]})
     (root / "data.json").write_text(json.dumps(rows))
-    assert prepare(str(root / "data.json"), str(root / "shards"), samples_per_shard=5, progress=False)["samples"] == 16
+    collator = MultimodalCollator(dr.make_module().processor) if request.param == "encoded" else None
+    report = prepare(str(root / "data.json"), str(root / "shards"), samples_per_shard=5, progress=False,
+                     collator=collator)
+    assert report["samples"] == 16 and report["encoded"] == (request.param == "encoded")
     return str(root / "shards")
 
 
