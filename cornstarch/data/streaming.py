@@ -26,7 +26,7 @@ import io  # noqa: F401  (the docstring examples use it)
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,8 @@ class ShardStream:
             another processor are refused (``None``: not checked).
         max_length, on_too_long: encoded samples longer than ``max_length`` tokens raise (``"error"``) or are left
             out of every epoch (``"skip"``), from the lengths ``index.json`` records (raw shards: the collator's).
+        modality_ids, fields: modality key → placeholder id and → sample field, so the error for an over-long sample
+            names its media's tokens (:func:`~cornstarch.data.collator.too_long`).
 
     Raises:
         FileNotFoundError: if ``directory`` has no ``index.json``.
@@ -121,7 +123,8 @@ class ShardStream:
 
     def __init__(self, directory: str, shuffle_buffer: int = 1000, seed: int = 0,
                  placeholder: str = SOURCE_PLACEHOLDER, limit: int | None = None,
-                 fingerprint: dict[str, str] | None = None, max_length: int | None = None, on_too_long: str = "error"):
+                 fingerprint: dict[str, str] | None = None, max_length: int | None = None, on_too_long: str = "error",
+                 modality_ids: Mapping[str, int] | None = None, fields: Mapping[str, str] | None = None):
         path = os.path.join(directory, INDEX_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!r} has no {INDEX_FILE}: write shards with `cornstarch prepare "
@@ -141,17 +144,18 @@ class ShardStream:
         self.shuffle_buffer, self.seed, self.placeholder = shuffle_buffer, seed, placeholder
         written = len(self.start) if limit is None else min(limit, len(self.start))
         self.kept = np.arange(len(self.start)) < written  # [samples]: the samples each epoch reads
+        self.modality_ids, self.fields = dict(modality_ids or {}), fields
+        self._handles: dict[int, Any] = {}
         if self.encoding is not None and max_length is not None:
             self._fit(index["shards"], max_length, on_too_long)
         self.samples = int(self.kept.sum())
-        self._handles: dict[int, Any] = {}
 
     def _fit(self, shards: list[dict[str, Any]], max_length: int, on_too_long: str) -> None:
         lengths = np.concatenate([np.asarray(shard["lengths"], dtype=np.int64) for shard in shards])
         over = np.flatnonzero(self.kept & (lengths > max_length))
         if len(over) and on_too_long == "error":
-            rows = [row for shard in shards for row in shard["rows"]]
-            raise too_long(rows[over[0]], int(lengths[over[0]]), max_length)
+            sample = self.load(int(over[0]))
+            raise too_long(sample[INDEX_KEY], sample["input_ids"], max_length, self.modality_ids, self.fields)
         if len(over):
             log.warning("%s: left out %d of %d encoded samples longer than max_length=%d", self.directory, len(over),
                         int(self.kept.sum()), max_length)
@@ -382,7 +386,8 @@ def open_stream(spec: Any, placeholder: str | None, shuffle_buffer: int = 1000, 
         if not spec.data_dir:
             raise ValueError("A 'shards' split needs data_dir: the folder prepare wrote.")
         checks = {} if collator is None else dict(fingerprint=encoding_fingerprint(collator),
-                                                  max_length=collator.max_length, on_too_long=collator.on_too_long)
+                                                  max_length=collator.max_length, on_too_long=collator.on_too_long,
+                                                  modality_ids=collator.processor.token_ids, fields=collator.fields)
         return ShardStream(spec.data_dir, shuffle_buffer, seed, placeholder or SOURCE_PLACEHOLDER, spec.limit,
                            **checks)
     dataset = spec.load(placeholder)
