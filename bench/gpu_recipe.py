@@ -5,7 +5,8 @@ Built from configs (nothing downloaded): a ViT-L-sized CLIP tower (CLIP-L/14 at 
 32 000), Llava's default feature selection (layer -2, CLS dropped: 576 image tokens per sample), batch 8, 48 text
 tokens per sample of which the last 16 are supervised. ``LlavaForConditionalGeneration`` and the cornstarch
 ``MultimodalModel`` hold identical weights (``bench/step_vs_hf_llava.py``); their float32 losses on the batch are
-asserted equal within 1e-5 before both are cast to bfloat16 (parameters, gradients and fused AdamW state all in
+asserted equal within 1e-5 relative (the two sides' matmuls have different shapes, so a GPU's kernels may round
+differently) before both are cast to bfloat16 (parameters, gradients and fused AdamW state all in
 bf16: no float32 master weights).
 
 Reported, all trainable and with the tower frozen: the median step time (forward + backward + fused
@@ -40,7 +41,7 @@ from step_vs_hf_llava import (  # noqa: E402
     QUICK,
     Spec,
     adamw,
-    assert_same_loss,
+    loss_of,
     build_llava,
     cornstarch_from_llava,
     freeze_vision_tower,
@@ -57,6 +58,14 @@ GPU_1B = Spec("vit-l + 1b", vision_hidden=1024, vision_layers=24, lm_hidden=2048
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), matched against torch.cuda.get_device_name()
 DATASHEET_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                   "B200": 2250e12}
+
+
+LOSS_RTOL = 1e-5
+
+
+def flop_text(flops: float) -> str:
+    """``flops`` in TFLOP, or GFLOP below one TFLOP."""
+    return f"{flops / 1e12:.2f} T" if flops >= 1e12 else f"{flops / 1e9:.3g} G"
 
 
 def datasheet_peak(device: torch.device) -> tuple[str, float | None]:
@@ -119,7 +128,9 @@ def run_mode(spec: Spec, frozen: bool, device: torch.device, dtype: torch.dtype,
     """One training mode (all trainable, or tower frozen): losses checked, step times, memory, FLOPs."""
     models = build_pair(spec, device)
     batch = {k: v.to(device) for k, v in make_batch(spec, image_tokens=spec.patches).items()}
-    dloss_fp32 = assert_same_loss(models, batch)
+    fp32 = {name: loss_of(model, batch) for name, model in models.items()}
+    dloss_fp32 = abs(fp32["hf"] - fp32["cs"])
+    assert dloss_fp32 <= LOSS_RTOL * abs(fp32["hf"]), f"float32 losses differ: {fp32}"
     for model in models.values():
         model.to(dtype)
         if frozen:
@@ -149,9 +160,9 @@ def report(mode: str, r: dict, gemm_peak: float, datasheet: float | None) -> Non
     for name in ("hf", "cs"):
         rate = flops[name] / (ms[name] / 1e3)
         peak = "" if r["peak_bytes"][name] is None else f", peak {r['peak_bytes'][name] / MB:,.0f} MB"
-        print(f"    {name}: {ms[name]:8.1f} ms/step, {flops[name] / 1e12:7.2f} TFLOP counted (fwd+bwd), "
-              f"{rate / 1e12:7.1f} TFLOP/s of its own count{peak}")
-    print(f"    HF/cs {ms['hf'] / ms['cs']:.2f}x; model FLOPs (cornstarch's count) {model_rate / 1e12:.1f} TFLOP/s = "
+        print(f"    {name}: {ms[name]:8.1f} ms/step, {flop_text(flops[name])}FLOP counted (fwd+bwd), "
+              f"{flop_text(rate)}FLOP/s of its own count{peak}")
+    print(f"    HF/cs {ms['hf'] / ms['cs']:.2f}x; model FLOPs (cornstarch's count) {flop_text(model_rate)}FLOP/s = "
           f"MFU {model_rate / gemm_peak:.1%} of the measured GEMM peak"
           + (f", {model_rate / datasheet:.1%} of the datasheet peak" if datasheet else ""))
 
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           gemm_size, rates)
     gemm_peak = max(rates)
     print(f"parameters {results['modes'][args.modes[0]]['params'] / 1e9:.3f} B; {args.dtype} GEMM ({gemm_size}²) best "
-          f"{gemm_peak / 1e12:.1f} TFLOP/s over {len(rates)} measurements"
+          f"{flop_text(gemm_peak)}FLOP/s over {len(rates)} measurements"
           + (f"; datasheet {datasheet / 1e12:.0f} TFLOP/s" if datasheet else "; no datasheet figure for this device"))
     for mode, r in results["modes"].items():
         report(mode, r, gemm_peak, datasheet)

@@ -21,7 +21,9 @@ of both with the HF/cornstarch ratio on a second axis, and peak memory of both; 
 Targets: HF/cornstarch time >= 1.5 and cornstarch/HF peak memory <= 1 at every point.
 
 Run from the repository root: ``python bench/scaling.py`` (``--quick`` for a smoke run on a tiny model and short
-curves, a few seconds; ``--curves batch`` for one curve; ``--out DIR`` to write elsewhere than ``bench/``).
+curves, a few seconds; ``--curves batch`` for one curve; ``--out DIR`` to write elsewhere than ``bench/``;
+``--replot bench/scaling.json`` to redraw the PNGs from recorded numbers; ``--profile batch 1`` to see where one
+point's steps spend their time).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,18 +101,20 @@ def multi_image_batch(spec: Spec, images: int, seed: int = 0) -> dict[str, torch
 def measure_point(spec: Spec, images: int, warmup: int, repeats: int, loss_chunk_size: int | None = None) -> dict:
     """Step time (median ms), peak step memory (bytes) and forward + backward FLOPs (torch's counter) of HF Llava
     and cornstarch (``loss_chunk_size`` set on it) at one point."""
+    start = time.perf_counter()
     llava = build_llava(spec, "full").train()
     mllm = cornstarch_from_llava(llava).train()
-    mllm.loss_chunk_size = loss_chunk_size
     batch = multi_image_batch(spec, images)
     models = {"hf": llava, "cs": mllm}
-    dloss = assert_same_loss(models, batch)
+    # counted with the chunked loss off: the same matmuls, but its in-place and out= kernels escape torch's counter
     flops = {name: pass_flops(model, [batch])[0] for name, model in models.items()}
+    mllm.loss_chunk_size = loss_chunk_size
+    dloss = assert_same_loss(models, batch)
     peak = {name: peak_step_bytes(copy.deepcopy(model), batch) for name, model in models.items()}
     ms, busy = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()}, warmup, repeats)
     return {"ms": ms, "peak_bytes": peak, "flops": flops, "dloss": dloss, "busy": busy,
             "tokens_per_sample": int(batch["input_ids"].shape[1]), "batch": spec.batch, "images": images,
-            "answer": spec.answer_tokens}
+            "answer": spec.answer_tokens, "seconds": time.perf_counter() - start}
 
 
 def run_curve(base: Spec, curve: str, xs: list[int], warmup: int, repeats: int,
@@ -121,6 +126,20 @@ def run_curve(base: Spec, curve: str, xs: list[int], warmup: int, repeats: int,
         print_point(curve, point)
         points.append(point)
     return points
+
+
+def profile_point(spec: Spec, images: int, steps: int = 3) -> None:
+    """Print where ``steps`` train steps of each model spend their time (``torch.profiler``, by self CPU time)."""
+    llava = build_llava(spec, "full").train()
+    batch = multi_image_batch(spec, images)
+    for name, model in {"hf": llava, "cs": cornstarch_from_llava(llava).train()}.items():
+        step = make_step(model, batch, adamw(model))
+        step()  # AdamW state exists from here on
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        print(f"{name}: {steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                                                      max_name_column_width=48))
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -137,8 +156,9 @@ def flop_ratio(point: dict) -> float:
 
 def print_header(curve: str) -> None:
     print(f"{LABELS[curve]}:")
-    print(f"    {'x':>5}{'tokens':>8}{'HF ms':>10}{'cs ms':>10}{'HF/cs':>7}{'HF MB':>9}{'cs MB':>9}{'cs/HF':>7}"
-          f"  |dloss|   other CPU")
+    print(f"    {'x':>5}{'tokens':>8}{'HF ms':>10}{'cs ms':>10}{'HF/cs':>7}{'FLOPs':>7}{'HF MB':>9}{'cs MB':>9}"
+          f"{'cs/HF':>7}  |dloss|   other CPU")
+    print(f"    {'':>33}{'time':>7}{'HF/cs':>7}{'peak':>9}{'peak':>9}{'memory':>7}")
 
 
 def print_point(curve: str, p: dict) -> None:
@@ -157,7 +177,7 @@ def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     xs = [p["x"] for p in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
     left.plot(xs, [p["ms"]["hf"] for p in points], "o-", color="tab:red", label="HF Llava")
     left.plot(xs, [p["ms"]["cs"] for p in points], "o-", color="tab:blue", label="cornstarch")
     left.set(xscale="log", xlabel=LABELS[curve], ylabel="train step, ms (median)")
@@ -170,12 +190,13 @@ def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
     ratio_axis.set_ylim(0, max(3.0, 1.1 * max(ratios(p)[0] for p in points)))
     lines = left.get_legend_handles_labels()
     extra = ratio_axis.get_legend_handles_labels()
-    left.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left", fontsize=8)
+    left.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                ncol=2, fontsize=8)
     right.plot(xs, [p["peak_bytes"]["hf"] / MB for p in points], "o-", color="tab:red", label="HF Llava")
     right.plot(xs, [p["peak_bytes"]["cs"] / MB for p in points], "o-", color="tab:blue", label="cornstarch")
     right.set(xscale="log", xlabel=LABELS[curve], ylabel="peak memory of a step, MB")
     right.set_ylim(bottom=0)
-    right.legend(loc="upper left", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     for axis in (left, right):
         axis.set_xticks(xs, [str(x) for x in xs])
         axis.minorticks_off()
@@ -184,6 +205,11 @@ def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_title(curve: str, results: dict) -> str:
+    return (f"cornstarch vs HF Llava by {LABELS[curve]}: train step with fused AdamW, all trainable\n"
+            f"{results['machine']}\n`{results['command']}`")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for scaling.json and the PNGs (default bench/)")
     parser.add_argument("--loss-chunk-size", type=int, help="cornstarch's MultimodalModel.loss_chunk_size (default off)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, two points per curve")
+    parser.add_argument("--profile", nargs=2, metavar=("CURVE", "X"),
+                        help="only profile the steps of one point, e.g. --profile batch 1")
+    parser.add_argument("--replot", type=Path, help="only redraw the PNGs from this scaling.json (its command kept)")
     args = parser.parse_args(argv)
     for name, (full, quick) in {"repeats": (5, 2), "warmup": (1, 1)}.items():
         if getattr(args, name) is None:
@@ -205,9 +234,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        for curve, points in results["curves"].items():
+            plot_curve(curve, points, args.out / f"scaling_{curve}.png", plot_title(curve, results))
+        return results
     torch.set_num_threads(args.threads)
     tf.logging.set_verbosity_error()
     base = QUICK if args.quick else LLAVA_SHAPED
+    if args.profile:
+        curve, x = args.profile
+        if curve not in CURVES:
+            raise SystemExit(f"--profile: curve must be one of {list(CURVES)}, got {curve!r}")
+        profile_point(*point_spec(base, curve, int(x)))
+        return {}
     grid = QUICK_CURVES if args.quick else CURVES
     command = "python bench/scaling.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     machine = machine_name()
@@ -222,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_header(curve)
         points = run_curve(base, curve, grid[curve], args.warmup, args.repeats, args.loss_chunk_size)
         results["curves"][curve] = points
-        title = (f"cornstarch vs HF Llava as {LABELS[curve]} grow: fused AdamW, all trainable\n"
-                 f"{machine}\n`{command}`")
-        plot_curve(curve, points, args.out / f"scaling_{curve}.png", title)
+        plot_curve(curve, points, args.out / f"scaling_{curve}.png", plot_title(curve, results))
     results["seconds"] = time.perf_counter() - start
     (args.out / "scaling.json").write_text(json.dumps(results, indent=1))
     misses = [(c, p["x"]) for c, ps in results["curves"].items() for p in ps

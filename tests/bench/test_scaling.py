@@ -18,6 +18,10 @@ def test_quick_batch_curve(load_bench, one_thread, tmp_path):
         assert p["peak_bytes"]["cs"] < p["peak_bytes"]["hf"]
         assert p["flops"]["cs"] < p["flops"]["hf"]
         assert p["ms"]["cs"] > 0 and p["ms"]["hf"] > 0
+    redrawn = tmp_path / "redrawn"
+    redrawn.mkdir()
+    scaling.main(["--replot", str(tmp_path / "scaling.json"), "--out", str(redrawn)])
+    assert (redrawn / "scaling_batch.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_multi_image_batch_orders_images_by_sample(load_bench):
