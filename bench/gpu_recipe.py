@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 import transformers as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # repository, bench/
 
+from cornstarch.batch import SUPERVISED_POSITIONS, supervised_positions  # noqa: E402
 from step_vs_hf_llava import (  # noqa: E402
     MB,
     QUICK,
@@ -127,19 +128,24 @@ def run_mode(spec: Spec, frozen: bool, device: torch.device, dtype: torch.dtype,
              gemm_size: int, rates: list[float]) -> dict:
     """One training mode (all trainable, or tower frozen): losses checked, step times, memory, FLOPs."""
     models = build_pair(spec, device)
-    batch = {k: v.to(device) for k, v in make_batch(spec, image_tokens=spec.patches).items()}
-    fp32 = {name: loss_of(model, batch) for name, model in models.items()}
+    cpu_batch = make_batch(spec, image_tokens=spec.patches)
+    hf_batch = {k: v.to(device) for k, v in cpu_batch.items()}
+    # computed on the CPU, as cornstarch's data layer does, so that forward never waits for the device
+    positions = supervised_positions(cpu_batch["labels"]).to(device)
+    batches = {"hf": hf_batch, "cs": {**hf_batch, SUPERVISED_POSITIONS: positions}}
+    fp32 = {name: loss_of(model, batches[name]) for name, model in models.items()}
     dloss_fp32 = abs(fp32["hf"] - fp32["cs"])
     assert dloss_fp32 <= LOSS_RTOL * abs(fp32["hf"]), f"float32 losses differ: {fp32}"
-    for model in models.values():
+    for name, model in models.items():
         model.to(dtype)
+        batches[name]["pixel_values"] = batches[name]["pixel_values"].to(dtype)
         if frozen:
             freeze_vision_tower(model)
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
     with torch.no_grad():
-        losses = {name: model(**batch).loss.item() for name, model in models.items()}
-    flops = {name: pass_flops(model, [batch])[0] for name, model in models.items()}
-    steps = {name: synced(make_step(model, batch, adamw(model)), device) for name, model in models.items()}
+        losses = {name: model(**batches[name]).loss.item() for name, model in models.items()}
+    flops = {name: pass_flops(model, [batches[name]])[0] for name, model in models.items()}
+    assert flops["cs"] < flops["hf"], "cornstarch computed logits at every position: supervised_positions not used"
+    steps = {name: synced(make_step(model, batches[name], adamw(model)), device) for name, model in models.items()}
     peak = {name: peak_device_bytes(step, device) for name, step in steps.items()}  # also the first (warm-up) step
     rates.append(gemm_rate(device, dtype, gemm_size))
     ms, busy = interleaved_median_ms(steps, warmup, repeats)

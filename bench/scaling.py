@@ -165,7 +165,8 @@ def print_point(curve: str, p: dict) -> None:
     speed, memory = ratios(p)
     miss = ("" if speed >= SPEED_TARGET else "  < time target") + ("" if memory <= MEMORY_TARGET else "  > memory")
     print(f"    {p['x']:>5}{p['tokens_per_sample']:>8}{p['ms']['hf']:>10.1f}{p['ms']['cs']:>10.1f}{speed:>7.2f}"
-          f"{flop_ratio(p):>7.2f}{p['peak_bytes']['hf'] / MB:>9.1f}{p['peak_bytes']['cs'] / MB:>9.1f}{memory:>7.2f}  {p['dloss']:.1e}  "
+          f"{flop_ratio(p):>7.2f}{p['peak_bytes']['hf'] / MB:>9.1f}{p['peak_bytes']['cs'] / MB:>9.1f}{memory:>7.2f}"
+          f"  {p['dloss']:.1e}  "
           f"{flag(p['busy'])}{miss}", flush=True)
 
 
@@ -220,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for scaling.json and the PNGs (default bench/)")
-    parser.add_argument("--loss-chunk-size", type=int, help="cornstarch's MultimodalModel.loss_chunk_size (default off)")
+    parser.add_argument("--loss-chunk-size", type=int,
+                        help="cornstarch's MultimodalModel.loss_chunk_size (default off)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, two points per curve")
     parser.add_argument("--profile", nargs=2, metavar=("CURVE", "X"),
                         help="only profile the steps of one point, e.g. --profile batch 1")

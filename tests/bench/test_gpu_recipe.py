@@ -26,7 +26,8 @@ def test_default_sizes(load_bench):
     """The default sizes are what the recipe promises: CLIP-L/14 at 336 px and a ~1B-parameter LM."""
     recipe = load_bench("gpu_recipe")
     spec = recipe.GPU_1B
-    assert (spec.vision_hidden, spec.vision_layers, spec.image_size, spec.patch, spec.patches) == (1024, 24, 336, 14, 576)
+    vision = (spec.vision_hidden, spec.vision_layers, spec.image_size, spec.patch, spec.patches)
+    assert vision == (1024, 24, 336, 14, 576)
     with torch.device("meta"):
         llava = recipe.build_llava(spec, "default")
     lm = sum(p.numel() for p in llava.model.language_model.parameters()) + llava.lm_head.weight.numel()
