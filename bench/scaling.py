@@ -15,9 +15,13 @@ A step is forward + backward + fused ``AdamW.step()`` (transformers' default opt
 ``zero_grad``. Steps of the two models alternate; after ``--warmup`` rounds the median of ``--repeats`` is taken per
 point. Peak memory is the bench's ``peak_step_bytes``: bytes of tensors alive during the second train step
 (parameters, gradients, AdamW state, activations, temporaries) from torch's memory profile, not the process's RSS.
+Each point also counts both models' forward + backward FLOPs (torch's ``FlopCounterMode``): their ratio is what
+skipping work can give when every FLOP costs the same and nothing else (the optimizer, memory-bound passes) takes
+time; it does not depend on the machine's load.
 
 Writes a table (stdout), ``scaling.json`` (raw numbers) and one PNG per curve, ``scaling_<curve>.png``: step time
-of both with the HF/cornstarch ratio on a second axis, and peak memory of both; machine and command in each title.
+of both with the HF/cornstarch time and FLOP ratios on a second axis, and peak memory of both; machine and command
+in each title.
 Targets: HF/cornstarch time >= 1.5 and cornstarch/HF peak memory <= 1 at every point.
 
 Run from the repository root: ``python bench/scaling.py`` (``--quick`` for a smoke run on a tiny model and short
