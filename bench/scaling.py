@@ -102,23 +102,29 @@ def multi_image_batch(spec: Spec, images: int, seed: int = 0) -> dict[str, torch
     return batch
 
 
+CHUNKED = "cs_chunked"  # cornstarch with MultimodalModel.loss_chunk_size set (--loss-chunk-size)
+
+
 def measure_point(spec: Spec, images: int, warmup: int, repeats: int, loss_chunk_size: int | None = None) -> dict:
     """Step time (median ms), peak step memory (bytes) and forward + backward FLOPs (torch's counter) of HF Llava
-    and cornstarch (``loss_chunk_size`` set on it) at one point."""
+    and cornstarch at one point; with ``loss_chunk_size``, also of cornstarch with its fused chunked head + loss
+    (``CHUNKED``), timed interleaved with the other two."""
     start = time.perf_counter()
     llava = build_llava(spec, "full").train()
     mllm = cornstarch_from_llava(llava).train()
     batch = multi_image_batch(spec, images)
     models = {"hf": llava, "cs": mllm}
-    # counted with the chunked loss off: the same matmuls, but its in-place and out= kernels escape torch's counter
     flops = {name: pass_flops(model, [batch])[0] for name, model in models.items()}
-    mllm.loss_chunk_size = loss_chunk_size
     dloss = assert_same_loss(models, batch)
+    if loss_chunk_size:  # the same matmuls as "cs" (its in-place and out= kernels escape torch's FLOP counter)
+        models[CHUNKED] = copy.deepcopy(mllm)
+        models[CHUNKED].loss_chunk_size = loss_chunk_size
+        dloss = max(dloss, assert_same_loss({"hf": llava, CHUNKED: models[CHUNKED]}, batch))
     peak = {name: peak_step_bytes(copy.deepcopy(model), batch) for name, model in models.items()}
     ms, busy = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()}, warmup, repeats)
     return {"ms": ms, "peak_bytes": peak, "flops": flops, "dloss": dloss, "busy": busy,
             "tokens_per_sample": int(batch["input_ids"].shape[1]), "batch": spec.batch, "images": images,
-            "answer": spec.answer_tokens, "seconds": time.perf_counter() - start}
+            "answer": spec.answer_tokens, "loss_chunk_size": loss_chunk_size, "seconds": time.perf_counter() - start}
 
 
 def run_curve(base: Spec, curve: str, xs: list[int], warmup: int, repeats: int,
@@ -172,6 +178,11 @@ def print_point(curve: str, p: dict) -> None:
           f"{flop_ratio(p):>7.2f}{p['peak_bytes']['hf'] / MB:>9.1f}{p['peak_bytes']['cs'] / MB:>9.1f}{memory:>7.2f}"
           f"  {p['dloss']:.1e}  "
           f"{flag(p['busy'])}{miss}", flush=True)
+    if CHUNKED in p["ms"]:
+        ms, peak = p["ms"][CHUNKED], p["peak_bytes"][CHUNKED]
+        print(f"    {'':>5}{'':>8}{'loss_chunk_size ' + str(p['loss_chunk_size']):>20}{ms:>10.1f}"
+              f"{p['ms']['hf'] / ms:>7.2f}{'':>7}{'':>9}{peak / MB:>9.1f}{peak / p['peak_bytes']['hf']:>7.2f}",
+              flush=True)
 
 
 def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
@@ -185,14 +196,23 @@ def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
     left.plot(xs, [p["ms"]["hf"] for p in points], "o-", color="tab:red", label="HF Llava")
     left.plot(xs, [p["ms"]["cs"] for p in points], "o-", color="tab:blue", label="cornstarch")
+    chunked = all(CHUNKED in p["ms"] for p in points)
+    if chunked:
+        label = f"cornstarch, loss_chunk_size {points[0]['loss_chunk_size']}"
+        left.plot(xs, [p["ms"][CHUNKED] for p in points], "o--", color="tab:cyan", label=label)
+        right.plot(xs, [p["peak_bytes"][CHUNKED] / MB for p in points], "o--", color="tab:cyan", label=label)
     left.set(xscale="log", xlabel=LABELS[curve], ylabel="train step, ms (median)")
     left.set_ylim(bottom=0)
     ratio_axis = left.twinx()
     ratio_axis.plot(xs, [ratios(p)[0] for p in points], "s--", color="tab:green", label="HF / cornstarch, time")
     ratio_axis.plot(xs, [flop_ratio(p) for p in points], "^:", color="tab:gray", label="HF / cornstarch, FLOPs")
+    if chunked:
+        ratio_axis.plot(xs, [p["ms"]["hf"] / p["ms"][CHUNKED] for p in points], "s--", color="tab:olive",
+                        label="HF / cornstarch with loss_chunk_size, time")
     ratio_axis.axhline(SPEED_TARGET, color="tab:green", lw=0.8, ls=":")
     ratio_axis.set_ylabel("speed ratio HF / cornstarch", color="tab:green")
-    ratio_axis.set_ylim(0, max(3.0, 1.1 * max(ratios(p)[0] for p in points)))
+    ratio_axis.set_ylim(0, max(3.0, 1.1 * max(p["ms"]["hf"] / min(p["ms"][k] for k in p["ms"] if k != "hf")
+                                              for p in points)))
     lines = left.get_legend_handles_labels()
     extra = ratio_axis.get_legend_handles_labels()
     left.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper center", bbox_to_anchor=(0.5, -0.16),
@@ -226,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for scaling.json and the PNGs (default bench/)")
     parser.add_argument("--loss-chunk-size", type=int,
-                        help="cornstarch's MultimodalModel.loss_chunk_size (default off)")
+                        help="also time cornstarch with MultimodalModel.loss_chunk_size set to this (default: not)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, two points per curve")
     parser.add_argument("--profile", nargs=2, metavar=("CURVE", "X"),
                         help="only profile the steps of one point, e.g. --profile batch 1")

@@ -7,7 +7,8 @@ import json
 
 def test_quick_batch_curve(load_bench, one_thread, tmp_path):
     scaling = load_bench("scaling")
-    results = scaling.main(["--quick", "--curves", "batch", "--threads", "1", "--repeats", "1", "--out", str(tmp_path)])
+    results = scaling.main(["--quick", "--curves", "batch", "--threads", "1", "--repeats", "1", "--loss-chunk-size", "8",
+                            "--out", str(tmp_path)])
     points = json.loads((tmp_path / "scaling.json").read_text())["curves"]["batch"]
     assert [p["x"] for p in points] == scaling.QUICK_CURVES["batch"] == [p["batch"] for p in points]
     assert (tmp_path / "scaling_batch.png").read_bytes()[:4] == b"\x89PNG"
@@ -15,9 +16,9 @@ def test_quick_batch_curve(load_bench, one_thread, tmp_path):
     for p in points:
         assert p["dloss"] <= 1e-5
         # memory and FLOPs do not depend on the machine's load: both are below Llava's at every point
-        assert p["peak_bytes"]["cs"] < p["peak_bytes"]["hf"]
+        assert p["peak_bytes"]["cs"] < p["peak_bytes"]["hf"] and p["peak_bytes"][scaling.CHUNKED] < p["peak_bytes"]["hf"]
         assert p["flops"]["cs"] < p["flops"]["hf"]
-        assert p["ms"]["cs"] > 0 and p["ms"]["hf"] > 0
+        assert p["ms"].keys() == {"hf", "cs", scaling.CHUNKED} and min(p["ms"].values()) > 0
     redrawn = tmp_path / "redrawn"
     redrawn.mkdir()
     scaling.main(["--replot", str(tmp_path / "scaling.json"), "--out", str(redrawn)])
