@@ -25,7 +25,7 @@ in each title.
 Targets: HF/cornstarch time >= 1.5 and cornstarch/HF peak memory <= 1 at every point.
 
 Run from the repository root: ``python bench/scaling.py`` (``--quick`` for a smoke run on a tiny model and short
-curves, a few seconds; ``--curves batch`` for one curve; ``--out DIR`` to write elsewhere than ``bench/``;
+curves, under a minute; ``--curves batch`` for one curve; ``--out DIR`` to write elsewhere than ``bench/``;
 ``--replot bench/scaling.json`` to redraw the PNGs from recorded numbers; ``--profile batch 1`` to see where one
 point's steps spend their time).
 """
