@@ -105,15 +105,23 @@ def synced(step: Callable[[], None], device: torch.device) -> Callable[[], None]
     return run
 
 
-def peak_device_bytes(step: Callable[[], None], device: torch.device) -> int | None:
-    """Peak bytes the CUDA caching allocator held for tensors during ``step()`` (None on a CPU)."""
+def peak_device_bytes(step: Callable[[], None], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      device: torch.device) -> int | None:
+    """Peak device bytes of a train step of ``model`` (``step()``, after a first step created the AdamW state): its
+    parameters and AdamW state, plus the most the CUDA allocator held above what was allocated before the step
+    (gradients, activations, temporaries), so that the other model on the same device does not count. None on a
+    CPU."""
     if device.type != "cuda":
         return None
+    step()
     synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *state])
+    return torch.cuda.max_memory_allocated(device) - before + resident
 
 
 def build_pair(spec: Spec, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -145,13 +153,14 @@ def run_mode(spec: Spec, frozen: bool, device: torch.device, dtype: torch.dtype,
         losses = {name: model(**batches[name]).loss.item() for name, model in models.items()}
     flops = {name: pass_flops(model, [batches[name]])[0] for name, model in models.items()}
     assert flops["cs"] < flops["hf"], "cornstarch computed logits at every position: supervised_positions not used"
-    steps = {name: synced(make_step(model, batches[name], adamw(model)), device) for name, model in models.items()}
-    peak = {name: peak_device_bytes(step, device) for name, step in steps.items()}  # also the first (warm-up) step
+    optimizers = {name: adamw(model) for name, model in models.items()}
+    steps = {name: synced(make_step(model, batches[name], optimizers[name]), device) for name, model in models.items()}
+    peak = {name: peak_device_bytes(steps[name], models[name], optimizers[name], device) for name in models}
     rates.append(gemm_rate(device, dtype, gemm_size))
     ms, busy = interleaved_median_ms(steps, warmup, repeats)
     rates.append(gemm_rate(device, dtype, gemm_size))
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    del models, steps
+    del models, steps, optimizers
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"ms": ms, "flops": flops, "peak_bytes": peak, "dloss_fp32": dloss_fp32,
