@@ -15,6 +15,10 @@ Also printed, for cornstarch: the shares of its ``generate`` time spent in the L
 (the same products on the same weights as HF's), and the ratio to HF that would follow if everything but those
 products cost nothing (the ceiling of any change that keeps the same products).
 
+With ``--compile``, also ``MultimodalModel.compile_generation = True`` (decode steps through ``torch.compile``
+with a static cache): its time per call, its first call (the compilation, once per batch size) and the number of
+calls after which the compilation has paid for itself against the eager loop.
+
 Run from the repository root: ``python bench/generation_vs_hf_llava.py`` (``--quick``: a smaller model, seconds).
 """
 
@@ -93,10 +97,21 @@ def product_shares(call, vocab: int) -> tuple[float, float]:
     return (head / total, products / total) if total else (float("nan"), float("nan"))
 
 
-def bench(spec: Spec, batch: int, new_tokens: int, llava, mllm, warmup: int, repeats: int) -> dict:
+def bench(spec: Spec, batch: int, new_tokens: int, llava, mllm, warmup: int, repeats: int,
+          compiled: bool = False) -> dict:
     inputs = prompts(spec, batch)
     request = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
-    calls = {"hf": lambda: llava.generate(**inputs, **request), "cs": lambda: mllm.generate(**inputs, **request)}
+
+    def cornstarch(compile_generation: bool):
+        def run() -> torch.Tensor:
+            mllm.compile_generation = compile_generation
+            try:
+                return mllm.generate(**inputs, **request)
+            finally:
+                mllm.compile_generation = False
+        return run
+
+    calls = {"hf": lambda: llava.generate(**inputs, **request), "cs": cornstarch(False)}
     cpu: dict[str, list[float]] = {name: [] for name in calls}
 
     def with_cpu_time(name: str):
@@ -106,14 +121,22 @@ def bench(spec: Spec, batch: int, new_tokens: int, llava, mllm, warmup: int, rep
             cpu[name].append(time.process_time() - start)
         return run
 
+    first_compiled_s = None
     with torch.no_grad():
         hf, cs = calls["hf"](), calls["cs"]()
         assert torch.equal(hf, cs), f"batch {batch}, {new_tokens} new tokens: the tokens differ"
+        if compiled:
+            calls["cs compiled"] = cornstarch(True)
+            cpu["cs compiled"] = []
+            start = time.perf_counter()
+            tokens = calls["cs compiled"]()  # compiles on the first call with this batch size
+            first_compiled_s = time.perf_counter() - start
+            assert torch.equal(hf, tokens), f"batch {batch}, {new_tokens} new tokens: compiled tokens differ"
         ms, busy = interleaved_median_ms({name: with_cpu_time(name) for name in calls}, warmup, repeats)
         head, products = product_shares(calls["cs"], spec.vocab)
     cpu_ms = {name: 1e3 * statistics.median(t[warmup:]) for name, t in cpu.items()}
     return {"ms": ms, "cpu_ms": cpu_ms, "busy": busy, "shape": tuple(cs.shape), "head": head,
-            "products": products}
+            "products": products, "first_compiled_s": first_compiled_s}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller model, few rounds")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time MultimodalModel.compile_generation (compiled decode steps, static cache)")
     args = parser.parse_args(argv)
     for name, (full, quick) in {"repeats": (9, 3), "warmup": (2, 1)}.items():
         if getattr(args, name) is None:
@@ -147,11 +172,18 @@ def main(argv: list[str] | None = None) -> None:
           f"{'HF/cs':>6} {'head':>5} {'products':>8} {'ceiling':>7}")
     for batch in args.batches:
         for new_tokens in args.new_tokens:
-            r = bench(spec, batch, new_tokens, llava, mllm, args.warmup, args.repeats)
-            (hf, cs), (hf_cpu, cs_cpu) = r["ms"].values(), r["cpu_ms"].values()
+            r = bench(spec, batch, new_tokens, llava, mllm, args.warmup, args.repeats, args.compile)
+            (hf, cs), (hf_cpu, cs_cpu) = list(r["ms"].values())[:2], list(r["cpu_ms"].values())[:2]
             print(f"    {batch:>5} {new_tokens:>4} {hf:>9.1f} {cs:>9.1f} {hf / cs:>6.2f}   {hf_cpu:>9.1f} {cs_cpu:>9.1f} "
                   f"{hf_cpu / cs_cpu:>6.2f} {r['head']:>5.0%} {r['products']:>8.0%} "
                   f"{hf_cpu / (cs_cpu * r['products']):>7.2f}  tokens identical {r['shape']}; {flag(r['busy'])}")
+            if args.compile:
+                c, c_cpu = r["ms"]["cs compiled"], r["cpu_ms"]["cs compiled"]
+                first = r["first_compiled_s"]
+                saved = (cs - c) / 1e3  # wall s saved per call against the eager loop
+                even = f"{(first - c / 1e3) / saved:.0f} calls" if saved > 0 else "never"
+                print(f"    {'':>10} compiled: {c:>9.1f} ms {hf / c:>6.2f}   CPU {c_cpu:>9.1f} ms {hf_cpu / c_cpu:>6.2f}; "
+                      f"first call {first:.1f} s (compilation); pays for itself after {even}")
     print("    ms: wall time per generate; CPU ms: this process's CPU time (with one thread, the work done, which other "
           "processes disturb less than the wall time);\n    head, products: shares of cornstarch's CPU time in the "
           "LM head's matrix products and in all of them (the same products, on the same weights, as HF's);\n"

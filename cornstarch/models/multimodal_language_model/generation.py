@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.utils import GenerationMixin
 
 # GenerationConfig fields that may hold these values (besides None) in a plain greedy request.
@@ -130,6 +130,7 @@ def greedy_decode(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     request: GreedyRequest,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy decoding from merged prompt embeddings: what ``language_model.generate`` returns for ``request``.
 
@@ -139,6 +140,9 @@ def greedy_decode(
         inputs_embeds: ``[batch, prompt, hidden]``, the prompt's embeddings (modality features merged).
         attention_mask: ``[batch, prompt]`` (0 at padding, left padding for batched prompts), or None.
         request: from :func:`plain_greedy_request`.
+        compile: keep the keys and values in a ``StaticCache`` and run each decode step (the LM's forward on one
+            token and the argmax) through ``torch.compile``: no Python work per layer and token, at the price of
+            a compilation (tens of seconds on a CPU) for each new batch size in the process. Same tokens.
 
     Returns:
         ``[batch, prompt + n]`` ids: the prompt, then ``n <= max_new_tokens`` new tokens (``n`` is smaller when
@@ -154,17 +158,22 @@ def greedy_decode(
         position_ids = torch.arange(prompt, device=device).expand(batch, prompt)
     if attention_mask is not None:  # grown in place: step t reads the first prompt + t columns
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, request.max_new_tokens)], dim=1)
-    cache = DynamicCache(config=language_model.config.get_text_config(decoder=True))
+    text_config = language_model.config.get_text_config(decoder=True)
+    if compile:
+        cache = StaticCache(config=text_config, max_cache_len=prompt + request.max_new_tokens)
+        step_fn = _compiled_step()
+    else:
+        cache, step_fn = DynamicCache(config=text_config), next_token
     out = language_model(inputs_embeds=inputs_embeds, attention_mask=_first(attention_mask, prompt),
                          position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+    token = out.logits[:, -1].float().argmax(-1)  # [batch]
+    del out
     new_tokens = torch.empty(batch, request.max_new_tokens, dtype=torch.long, device=device)
     eos = torch.tensor(request.eos_token_ids, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     position = position_ids[:, -1:]
     steps = request.max_new_tokens
     for step in range(request.max_new_tokens):
-        token = out.logits[:, -1].float().argmax(-1)  # [batch]
-        del out
         if eos.numel():
             token = torch.where(unfinished, token, request.pad_token_id)
             unfinished &= (token[:, None] != eos).all(-1)  # not an EOS (isin costs more at these sizes)
@@ -175,9 +184,26 @@ def greedy_decode(
             steps = step + 1
             break
         position = position + 1
-        out = language_model(input_ids=token[:, None], attention_mask=_first(attention_mask, prompt + step + 1),
-                             position_ids=position, cache=cache, use_cache=True, return_dict=True)
+        token = step_fn(language_model, token[:, None], position, _first(attention_mask, prompt + step + 1), cache)
     return torch.cat([input_ids, new_tokens[:, :steps]], dim=1)
+
+
+def next_token(language_model: nn.Module, token: torch.Tensor, position: torch.Tensor,
+               attention_mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+    """One decode step: the LM on ``token`` ``[batch, 1]`` at ``position`` ``[batch, 1]``, extending ``cache``;
+    returns the greedy next token ``[batch]``."""
+    logits = language_model(input_ids=token, attention_mask=attention_mask, position_ids=position, cache=cache,
+                            use_cache=True, return_dict=True).logits
+    return logits[:, -1].float().argmax(-1)
+
+
+_COMPILED: list[Any] = []  # next_token through torch.compile, built on first use (one per process)
+
+
+def _compiled_step() -> Any:
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(next_token, dynamic=True))
+    return _COMPILED[0]
 
 
 def _first(mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:

@@ -108,6 +108,8 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
         self.supervised_logits_only = True
         self._loss_chunk_size: int | None = None
         self._warned_unfusable = False
+        # Plain greedy generate: decode steps through torch.compile with a static cache (generation.greedy_decode).
+        self.compile_generation = False
 
     @staticmethod
     def _new_projector(encoder: ModalEncoderModule, llm_hidden: int, kind: str, activation: str) -> MultimodalProjector:
@@ -329,7 +331,9 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
         Extra keyword arguments that no encoder takes go to ``language_model.generate``; ``supervised_positions``
         (a train batch's) is accepted and ignored. A plain greedy request (no sampling, beams, logits processors,
         streamer or extra outputs) is decoded by :func:`.generation.greedy_decode` instead, with the same tokens
-        and less overhead per token; anything else goes to ``language_model.generate``.
+        and less overhead per token; anything else goes to ``language_model.generate``. With
+        ``compile_generation = True`` its decode steps run through ``torch.compile`` with a static cache (a
+        compilation per batch size, tens of seconds on a CPU; worth it for many calls of a small model).
 
         Raises:
             ValueError: for bad inputs, as :meth:`forward`.
@@ -345,7 +349,8 @@ class MultimodalModel(TrainingLoss, TrainableComponents, SaveLoad, NativeInterop
             safe_ids = safe_ids.masked_fill(mask, 0)
         request = plain_greedy_request(self.language_model, generate_kwargs)
         if request is not None:  # plain greedy: the lean loop, same tokens (generation.py)
-            output = greedy_decode(self.language_model, safe_ids, inputs_embeds, attention_mask, request)
+            output = greedy_decode(self.language_model, safe_ids, inputs_embeds, attention_mask, request,
+                                   compile=self.compile_generation)
         else:
             output = self.language_model.generate(
                 input_ids=safe_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs

@@ -161,3 +161,19 @@ def test_plain_greedy_requests():
     assert plain_greedy_request(lm, {}) is None  # no max_new_tokens: generate's own length rules
     config = tf.GenerationConfig(max_new_tokens=5, eos_token_id=3)
     assert plain_greedy_request(lm, {"generation_config": config}) == GreedyRequest(5, (3,), 0)  # the model's pad
+
+
+@pytest.mark.slow  # one compilation, ~30 s on 2 cores
+def test_compiled_decode_steps_give_the_same_tokens(monkeypatch):
+    mllm = model()
+    inputs = prompts(2)  # left padding
+    prompt = inputs["input_ids"].shape[1]
+    free = fast(mllm, monkeypatch, inputs, **{**GREEDY, "eos_token_id": tiny.VOCAB + 50})
+    eos = int(free[0, prompt + 2])  # one row ends mid-sequence
+    mllm.compile_generation = True
+    for kwargs in ({**GREEDY, "eos_token_id": tiny.VOCAB + 50}, {**GREEDY, "eos_token_id": eos},
+                   {**GREEDY, "max_new_tokens": 11}):  # the same batch size: one compilation serves all three
+        got = fast(mllm, monkeypatch, inputs, **kwargs)
+        mllm.compile_generation = False
+        assert torch.equal(got, reference(mllm, inputs, **kwargs)), kwargs
+        mllm.compile_generation = True
