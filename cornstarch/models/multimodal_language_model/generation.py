@@ -9,6 +9,11 @@ once every row has produced an end-of-sequence token or at ``max_new_tokens``. T
 padding, the same cache), so the tokens are the same; only the bookkeeping around the LM's forward is gone.
 Anything else returns ``None`` from :func:`plain_greedy_request` and goes to ``language_model.generate``.
 
+With ``compile=True`` (``MultimodalModel.compile_generation``) the keys and values live in a ``StaticCache`` and each
+decode step runs through ``torch.compile``: same tokens, no Python work per layer and token, one compilation per
+batch size (tens of seconds on a CPU, so worth it only over many calls; ``bench/generation_vs_hf_llava.py
+--compile`` prints the break-even).
+
 >>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
