@@ -16,10 +16,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test of a minute or more (still run in CI)")
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests import sweep
 
