@@ -192,18 +192,19 @@ def _decode(source: Any, index: Any, field: str, fps: float | None, max_frames: 
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, codec: str = "libx264",
-                options: dict[str, str] | None = None) -> None:
+                options: dict[str, str] | None = None, pix_fmt: str = "yuv444p") -> None:
     """Write ``[frames, height, width, 3]`` ``uint8`` frames as a video file with PyAV (H.264 by default).
 
-    H.264 in ``yuv420p`` needs even sides; the default options (``crf`` 0, ``yuv444p``) keep the frames close to
-    lossless, so small synthetic clips read back as they were written.
+    The defaults (``yuv444p``, no chroma subsampling; H.264 at ``crf`` 0) keep the frames close to lossless, so small
+    synthetic clips read back as they were written, within colour-conversion rounding.
 
     Args:
         path: the file (its extension picks the container: ``.mp4``, ``.mkv``…).
         frames: the frames.
         fps: frame rate (an integer or a fraction-like float).
-        codec: FFmpeg encoder name.
-        options: encoder options (default ``{"crf": "0"}`` with ``yuv444p`` for H.264).
+        codec: FFmpeg encoder name (``libx264``, ``ffv1``, ``libvpx-vp9``…).
+        options: encoder options (default ``{"crf": "0"}`` for H.264, none otherwise).
+        pix_fmt: the encoder's pixel format.
 
     >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "clip.mp4")
@@ -218,9 +219,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, 
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        h264 = codec in ("libx264", "h264")
-        stream.pix_fmt = "yuv444p" if h264 else stream.pix_fmt
-        stream.options = options if options is not None else ({"crf": "0"} if h264 else {})
+        stream.pix_fmt = pix_fmt
+        stream.options = options if options is not None else ({"crf": "0"} if codec in ("libx264", "h264") else {})
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

@@ -48,7 +48,8 @@ from .dynamic_resolution import merged_patches
 from .multimodal_language_model.import_paths import import_path, resolve
 
 __all__ = ["FRAMES", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
-           "qwen2_vl_video_inputs", "repeat_last_frame", "video_callbacks"]
+           "mean_of_frame_pairs", "qwen2_vl_video_inputs", "repeat_last_frame", "step_encoding", "timed_frame_pairs",
+           "video_callbacks"]
 
 FRAMES = "video_frames"  # frames per video, beside per-frame outputs laid end to end
 
@@ -167,26 +168,28 @@ _VIDEO_CALLBACKS: dict[str, dict[str, Callable]] = {
 }
 
 
-def video_callbacks(model: Any, pool: int = 1) -> dict[str, Any]:
+def video_callbacks(model: Any, pool: int = 1, time_encoding: bool = False) -> dict[str, Any]:
     """The ``ModalEncoderModule`` callbacks that feed a tower videos: its own video path where it has one
     (Qwen2-VL, Qwen2.5-VL), else frames as images averaged ``pool`` at a time.
 
     Args:
         model: the tower, or its config.
         pool: frames averaged into one step, for towers without a video path (:class:`TemporalPooling`).
+        time_encoding: for those towers, also mark each step with its index in the video.
 
     Returns:
         Keyword arguments of ``ModalEncoderModule``.
 
     >>> from transformers import CLIPVisionConfig
     >>> video_callbacks(CLIPVisionConfig(), pool=2)["postprocess_module_callback"]
-    TemporalPooling(frames=2)
+    TemporalPooling(frames=2, time_encoding=False)
     """
     config = getattr(model, "config", model)
     own = _VIDEO_CALLBACKS.get(getattr(config, "model_type", None))
     if own is not None:
         return dict(own)
-    return {"preprocess_callback": frames_as_images, "postprocess_module_callback": TemporalPooling(pool)}
+    return {"preprocess_callback": frames_as_images,
+            "postprocess_module_callback": TemporalPooling(pool, time_encoding=time_encoding)}
 
 
 # ----------------------------------------------------------------------------------------------- image towers
@@ -197,7 +200,8 @@ class VideoFramesProcessor:
     last frame, so :class:`TemporalPooling` averages whole groups.
 
     Args:
-        image_processor: the tower's image processor (any transformers image processor).
+        image_processor: the tower's image processor (any transformers image processor), or
+            ``{"class_path": ..., "kwargs": {...}}`` to build one (as a YAML config gives it).
         pool: frames averaged into one step by the encoder's :class:`TemporalPooling` (1: every frame kept).
         fps, max_frames: frame sampling the data layer applies when decoding
             (:func:`cornstarch.data.video.frame_indices`).
@@ -216,6 +220,10 @@ class VideoFramesProcessor:
     model_input_names = ["pixel_values_videos", FRAMES]
 
     def __init__(self, image_processor: Any, pool: int = 1, fps: float | None = None, max_frames: int | None = None):
+        if isinstance(image_processor, dict):  # {"class_path": ..., "kwargs": {...}}, as a YAML config gives it
+            path = image_processor["class_path"]
+            path = path if ":" in path else "{}:{}".format(*path.rsplit(".", 1))
+            image_processor = resolve(path)(**image_processor.get("kwargs", {}))
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
             raise ValueError(f"pool must be an integer >= 1 (frames averaged into one step), got {pool!r}.")
         _check_sampling(fps, max_frames)
@@ -274,16 +282,34 @@ class VideoFramesProcessor:
 
 
 def frames_as_images(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Preprocess callback of an image tower fed videos: ``pixel_values_videos`` (frames) become ``pixel_values``.
+    """Preprocess callback of an image tower fed videos: ``pixel_values_videos`` (frames) become ``pixel_values``
+    (``video_frames`` stays, for :class:`TemporalPooling`).
 
     >>> frames_as_images({"pixel_values_videos": torch.zeros(4, 3, 8, 8), "video_frames": torch.tensor([4])})["pixel_values"].shape
     torch.Size([4, 3, 8, 8])
     """
-    return {"pixel_values": inputs["pixel_values_videos"]}
+    return {**inputs, "pixel_values": inputs["pixel_values_videos"]}
 
 
 frames_as_images.input_names = ("pixel_values_videos", FRAMES)
 frames_as_images.replaces_inputs = True  # an image encoder beside it keeps pixel_values to itself
+
+
+def step_encoding(steps_per_video: torch.Tensor, total: int, hidden: int) -> torch.Tensor:
+    """Sinusoidal encodings of each step's index within its video, videos one after another: ``[total, hidden]``.
+
+    Computed where ``steps_per_video`` lies, without host synchronisation (``total`` is known from shapes).
+
+    >>> step_encoding(torch.tensor([2, 3]), 5, 2)[:, 0].tolist()  # sin(index): indices 0 1 | 0 1 2
+    [0.0, 0.8414709568023682, 0.0, 0.8414709568023682, 0.9092974066734314]
+    """
+    steps_per_video = steps_per_video.long()
+    starts = torch.cumsum(steps_per_video, 0) - steps_per_video
+    index = torch.arange(total, device=steps_per_video.device) - torch.repeat_interleave(
+        starts, steps_per_video, output_size=total)
+    rates = torch.pow(10000.0, -torch.arange(0, hidden, 2, device=index.device, dtype=torch.float32) / hidden)
+    angles = index[:, None].float() * rates  # [total, ceil(hidden / 2)]
+    return torch.stack([angles.sin(), angles.cos()], -1).flatten(1)[:, :hidden]
 
 
 class TemporalPooling(ConfiguredCallback):
@@ -292,8 +318,13 @@ class TemporalPooling(ConfiguredCallback):
     Frames come video after video, each video's padded to a multiple of ``frames`` by :class:`VideoFramesProcessor`,
     so the groups never straddle two videos and pooling is one reshape and mean (no host synchronisation).
 
+    With ``time_encoding``, each step's features also get the sinusoidal encoding of its index within its video
+    (``sin``/``cos`` of ``index / 10000^(2j/hidden)``, as the Transformer's positions): an image tower sees one frame
+    at a time, so without it a step's features do not say which step of the video they are.
+
     Args:
         frames: frames per step (1 keeps every frame's features).
+        time_encoding: add each step's index encoding (needs ``video_frames`` among the inputs).
 
     Raises:
         ValueError: for ``frames`` < 1; when called, if the frame count is not a multiple of ``frames`` (the
@@ -309,23 +340,31 @@ class TemporalPooling(ConfiguredCallback):
     input_names = frozenset({FRAMES})
     varies_per_item = True  # a video's count depends on its frame count
 
-    def __init__(self, frames: int = 2):
+    def __init__(self, frames: int = 2, time_encoding: bool = False):
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise ValueError(f"frames must be an integer >= 1, got {frames!r}.")
-        self.frames = frames
+        self.frames, self.time_encoding = frames, bool(time_encoding)
 
     def get_config(self) -> dict[str, Any]:
-        return {"frames": self.frames}
+        return {"frames": self.frames, "time_encoding": self.time_encoding}
 
     def __call__(self, inputs: dict[str, Any], output: Any) -> tuple[torch.Tensor]:
         features = output[0]  # [all frames, tokens, hidden]
         if features.shape[0] % self.frames:
             raise ValueError(f"{features.shape[0]} frames cannot be pooled {self.frames} at a time: give the video "
                              f"processor pool={self.frames}.")
-        return (features.reshape(-1, self.frames, *features.shape[1:]).mean(1),)
+        steps = features.reshape(-1, self.frames, *features.shape[1:]).mean(1)  # [all steps, tokens, hidden]
+        if self.time_encoding:
+            steps = steps + step_encoding(inputs[FRAMES] // self.frames, steps.shape[0], steps.shape[-1]).to(
+                steps.dtype)[:, None, :]
+        return (steps,)
 
     def recount_features(self, counts: list[int], outputs: dict[str, Any]) -> list[int]:
         """Per-frame counts → per-video counts: each video's frames' features divided by ``frames``."""
         per_video = torch.as_tensor(outputs[FRAMES]).tolist()
         bounds = np.cumsum([0, *per_video])
         return [sum(counts[a:b]) // self.frames for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+mean_of_frame_pairs = TemporalPooling(2)  # ready to name in a config: "cornstarch.models.video:mean_of_frame_pairs"
+timed_frame_pairs = TemporalPooling(2, time_encoding=True)  # the same, each step marked with its index in the video

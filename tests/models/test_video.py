@@ -175,6 +175,17 @@ def test_frame_counts_equal_the_pooled_features_produced(specs, pool, seed):
     assert counts == alone == [-(-t // pool) * tiny.VISION_TOKENS["clip"] for t, _, _ in specs]
 
 
+def test_time_encoding_marks_each_step_with_its_index_in_its_video():
+    pool = TemporalPooling(2, time_encoding=True)
+    features = torch.zeros(10, 3, 8)  # videos of 4 and 6 frames: 2 and 3 steps
+    got = pool({"video_frames": torch.tensor([4, 6])}, (features,))[0]  # [5 steps, 3 tokens, 8]
+    index = torch.tensor([0, 1, 0, 1, 2], dtype=torch.float32)
+    rates = 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    expected = torch.stack([torch.sin(index[:, None] * rates), torch.cos(index[:, None] * rates)], -1).flatten(1)
+    torch.testing.assert_close(got, expected[:, None, :].expand(5, 3, 8), atol=1e-6, rtol=0)
+    assert TemporalPooling(**pool.get_config()).time_encoding
+
+
 def test_pooling_refuses_frames_the_processor_did_not_pad():
     with pytest.raises(ValueError, match="3 frames cannot be pooled 2 at a time: give the video processor pool=2"):
         TemporalPooling(2)({}, (torch.zeros(3, 4, 8),))
