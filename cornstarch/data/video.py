@@ -20,42 +20,18 @@ too low for the clip's length.
 from __future__ import annotations
 
 import io
-import math
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ..models.video import check_sampling
 from .media import SampleError, _check_file, _resolve, _to_uint8
 
-__all__ = ["VIDEO_EXTENSIONS", "check_sampling", "frame_indices", "load_video", "write_video"]
+__all__ = ["VIDEO_EXTENSIONS", "check_sampling", "frame_indices", "load_video"]
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".gif"})
-
-
-def check_sampling(fps: float | None = None, max_frames: int | None = None) -> None:
-    """Refuse a frame sampling setting that can select nothing or is not a number.
-
-    Args:
-        fps: frames kept per second of video, > 0; ``None`` keeps every frame's rate.
-        max_frames: most frames kept per video, an integer ≥ 1; ``None`` for no limit.
-
-    Raises:
-        ValueError: naming the setting and its value.
-
-    >>> check_sampling(fps=2, max_frames=8)
-    >>> check_sampling(max_frames=0)
-    Traceback (most recent call last):
-        ...
-    ValueError: max_frames must be an integer >= 1 (or None for no limit), got 0.
-    """
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
-                            or fps <= 0):
-        raise ValueError(f"fps must be a finite number > 0 (or None to keep the video's own rate), got {fps!r}.")
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer))
-                                   or max_frames < 1):
-        raise ValueError(f"max_frames must be an integer >= 1 (or None for no limit), got {max_frames!r}.")
 
 
 def frame_indices(total: int, video_fps: float | None = None, fps: float | None = None,
@@ -65,7 +41,7 @@ def frame_indices(total: int, video_fps: float | None = None, fps: float | None 
     Args:
         total: frames in the clip.
         video_fps: the clip's own frame rate (needed with ``fps``).
-        fps, max_frames: see :func:`check_sampling`.
+        fps, max_frames: see :func:`~cornstarch.models.video.check_sampling`.
 
     Returns:
         ``int64`` indices, increasing; empty when the settings keep no frame (a clip shorter than ``1 / fps``).
@@ -110,7 +86,7 @@ def load_video(value: Any, index: Any, field: str = "videos", base_dir: str | No
         SampleError: for a missing or unsupported file, data FFmpeg cannot decode, no video stream, no frame kept
             (an empty clip, or one shorter than ``1 / fps``), frames of different sizes, or ``fps`` asked of frames
             given without their rate.
-        ValueError: for invalid ``fps`` / ``max_frames`` (:func:`check_sampling`).
+        ValueError: for invalid ``fps`` / ``max_frames`` (:func:`~cornstarch.models.video.check_sampling`).
 
     >>> load_video([np.zeros((2, 2), dtype=np.uint8)] * 3, index=0).shape  # gray frames become RGB
     (3, 2, 2, 3)
@@ -189,38 +165,3 @@ def _decode(source: Any, index: Any, field: str, fps: float | None, max_frames: 
             return np.stack([frame.to_ndarray(format="rgb24") for frame in kept])
     except (av.FFmpegError, OSError) as err:
         raise SampleError(index, field, f"corrupt or undecodable video ({err}).") from err
-
-
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, codec: str = "libx264",
-                options: dict[str, str] | None = None, pix_fmt: str = "yuv444p") -> None:
-    """Write ``[frames, height, width, 3]`` ``uint8`` frames as a video file with PyAV (H.264 by default).
-
-    The defaults (``yuv444p``, no chroma subsampling; H.264 at ``crf`` 0) keep the frames close to lossless, so small
-    synthetic clips read back as they were written, within colour-conversion rounding.
-
-    Args:
-        path: the file (its extension picks the container: ``.mp4``, ``.mkv``…).
-        frames: the frames.
-        fps: frame rate (an integer or a fraction-like float).
-        codec: FFmpeg encoder name (``libx264``, ``ffv1``, ``libvpx-vp9``…).
-        options: encoder options (default ``{"crf": "0"}`` for H.264, none otherwise).
-        pix_fmt: the encoder's pixel format.
-
-    >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "clip.mp4")
-    >>> write_video(path, np.full((3, 8, 8, 3), 200, dtype=np.uint8), fps=5)
-    >>> load_video(path, index=0).shape
-    (3, 8, 8, 3)
-    """
-    import av
-    from fractions import Fraction
-
-    frames = np.asarray(frames, dtype=np.uint8)
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        stream.options = options if options is not None else ({"crf": "0"} if codec in ("libx264", "h264") else {})
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())

@@ -36,6 +36,7 @@ torch.Size([12, 8])
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -47,17 +48,35 @@ from .callbacks import ConfiguredCallback
 from .dynamic_resolution import merged_patches
 from .multimodal_language_model.import_paths import import_path, resolve
 
-__all__ = ["FRAMES", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
+__all__ = ["FRAMES", "check_sampling", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
            "mean_of_frame_pairs", "qwen2_vl_video_inputs", "repeat_last_frame", "step_encoding", "timed_frame_pairs",
            "video_callbacks"]
 
 FRAMES = "video_frames"  # frames per video, beside per-frame outputs laid end to end
 
 
-def _check_sampling(fps: float | None, max_frames: int | None) -> None:
-    from ..data.video import check_sampling  # the data layer owns sampling; imported late (layering)
+def check_sampling(fps: float | None = None, max_frames: int | None = None) -> None:
+    """Refuse a frame sampling setting that can select nothing or is not a number.
 
-    check_sampling(fps, max_frames)
+    Args:
+        fps: frames kept per second of video, > 0; ``None`` keeps every frame's rate.
+        max_frames: most frames kept per video, an integer ≥ 1; ``None`` for no limit.
+
+    Raises:
+        ValueError: naming the setting and its value.
+
+    >>> check_sampling(fps=2, max_frames=8)
+    >>> check_sampling(max_frames=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: max_frames must be an integer >= 1 (or None for no limit), got 0.
+    """
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
+                            or fps <= 0):
+        raise ValueError(f"fps must be a finite number > 0 (or None to keep the video's own rate), got {fps!r}.")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer))
+                                   or max_frames < 1):
+        raise ValueError(f"max_frames must be an integer >= 1 (or None for no limit), got {max_frames!r}.")
 
 
 def repeat_last_frame(frames: np.ndarray, multiple: int) -> np.ndarray:
@@ -93,7 +112,7 @@ class Qwen2VLVideoFramesProcessor(Qwen2VLImageProcessorPil):
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
     def __init__(self, fps: float | None = None, max_frames: int | None = None, **kwargs: Any):
-        _check_sampling(fps, max_frames)
+        check_sampling(fps, max_frames)
         super().__init__(**kwargs)
         self.fps, self.max_frames = fps, max_frames
 
@@ -226,7 +245,7 @@ class VideoFramesProcessor:
             image_processor = resolve(path)(**image_processor.get("kwargs", {}))
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
             raise ValueError(f"pool must be an integer >= 1 (frames averaged into one step), got {pool!r}.")
-        _check_sampling(fps, max_frames)
+        check_sampling(fps, max_frames)
         self.image_processor, self.pool, self.fps, self.max_frames = image_processor, pool, fps, max_frames
 
     @property

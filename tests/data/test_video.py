@@ -3,17 +3,19 @@ sample and field named when they cannot be read, keep no frame, or the sampling 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import transformers as tf
-import warnings
 
 from cornstarch.data.collator import MultimodalCollator
 from cornstarch.data.media import SampleError
-from cornstarch.data.video import check_sampling, frame_indices, load_video, write_video
+from cornstarch.data.video import frame_indices, load_video
+from cornstarch.demo.clips import write_video
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from cornstarch.models.video import VideoFramesProcessor, video_callbacks
+from cornstarch.models.video import VideoFramesProcessor, check_sampling, video_callbacks
 from tests import tiny
 
 
