@@ -48,7 +48,7 @@ from .callbacks import ConfiguredCallback
 from .dynamic_resolution import merged_patches
 from .multimodal_language_model.import_paths import import_path, resolve
 
-__all__ = ["FRAMES", "check_sampling", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
+__all__ = ["FRAMES", "check_sampling", "frame_placeholder", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
            "mean_of_frame_pairs", "qwen2_vl_video_inputs", "repeat_last_frame", "step_encoding", "timed_frame_pairs",
            "video_callbacks"]
 
@@ -298,6 +298,25 @@ class VideoFramesProcessor:
     def __repr__(self) -> str:
         return (f"VideoFramesProcessor({type(self.image_processor).__name__}, pool={self.pool}, fps={self.fps}, "
                 f"max_frames={self.max_frames})")
+
+
+def frame_placeholder(encoder: Any, config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One video of zero frames, one pooling step long, for an image tower fed frames (a distributed rank whose
+    batch has no video; see :func:`cornstarch.models.dummy_inputs.dummy_inputs`).
+
+    >>> from transformers import CLIPVisionConfig
+    >>> from types import SimpleNamespace
+    >>> item = frame_placeholder(SimpleNamespace(postprocess_module_callback=TemporalPooling(2)),
+    ...                          CLIPVisionConfig(image_size=8), torch.device("cpu"), torch.float32)
+    >>> item["pixel_values_videos"].shape, item["video_frames"].tolist()
+    (torch.Size([2, 3, 8, 8]), [2])
+    """
+    frames = getattr(encoder.postprocess_module_callback, "frames", 1)
+    size = config.image_size
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    return {"pixel_values_videos": torch.zeros(frames, getattr(config, "num_channels", 3), h, w, device=device,
+                                               dtype=dtype),
+            FRAMES: torch.tensor([frames], device=device)}
 
 
 def frames_as_images(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -263,3 +263,19 @@ def test_video_processor_saves_and_loads_with_its_sampling(trainable, tmp_path):
     assert again.encoder_processors["video"].max_frames == 4
     torch.testing.assert_close(MultimodalCollator(again)(SAMPLES)["input_ids"], collate(SAMPLES)["input_ids"],
                                atol=0, rtol=0)
+
+
+def test_a_rank_without_videos_runs_the_video_tower_on_a_placeholder(trainable):
+    mllm, collate = trainable
+    batch = collate([SAMPLES[1]])  # text only
+    expected = mllm(**batch).loss.detach()
+    mllm.encode_absent = True
+    try:
+        loss = mllm(**batch).loss
+        loss.backward()
+    finally:
+        mllm.encode_absent = False
+    torch.testing.assert_close(loss.detach(), expected, atol=0, rtol=0)
+    grads = [p.grad for p in mllm.video_encoder.parameters() if p.grad is not None]
+    assert grads and all(not g.any() for g in grads)  # in the graph, with zero gradients
+    mllm.zero_grad()
