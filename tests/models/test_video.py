@@ -256,13 +256,17 @@ def test_videos_encoded_ahead_pad_into_the_same_batch(trainable):
         torch.testing.assert_close(padded[key], whole[key], atol=0, rtol=0)
 
 
-def test_video_processor_saves_and_loads_with_its_sampling(trainable, tmp_path):
+def test_video_model_and_processor_save_and_load(trainable, tmp_path):
     mllm, collate = trainable
-    collate.processor.save_pretrained(tmp_path)
-    again = MultimodalProcessor.from_pretrained(tmp_path)
+    collate.processor.save_pretrained(tmp_path / "processor")
+    mllm.save_pretrained(tmp_path / "model")
+    again = MultimodalProcessor.from_pretrained(tmp_path / "processor")
     assert again.encoder_processors["video"].max_frames == 4
-    torch.testing.assert_close(MultimodalCollator(again)(SAMPLES)["input_ids"], collate(SAMPLES)["input_ids"],
-                               atol=0, rtol=0)
+    batch = MultimodalCollator(again)(SAMPLES)
+    torch.testing.assert_close(batch["input_ids"], collate(SAMPLES)["input_ids"], atol=0, rtol=0)
+    model = MultimodalModel.from_pretrained(tmp_path / "model").train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, mllm(**batch).loss, atol=0, rtol=0)
 
 
 def test_a_rank_without_videos_runs_the_video_tower_on_a_placeholder(trainable):
