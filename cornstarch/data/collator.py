@@ -25,10 +25,12 @@ from .columns import (ANSWERS, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, TEXT_COL
                       padded_family, per_sample)
 from .conversation import render_segments, to_messages
 from .media import SampleError, SampleWarning, image_size, load_audio, load_image, sample_message
+from .video import load_video
 
 # Sample field holding each modality's items, for the usual modality keys; other keys use f"{key}s".
 DEFAULT_FIELDS = {"vision": "images", "image": "images", "audio": "audios", "speech": "audios", "video": "videos"}
 MEDIA_FIELDS = frozenset({"images", "audios", "videos"})
+VIDEO_ARGUMENT = "videos"  # first argument of video processors: their items are decoded, sampled frames
 LONG_AUDIO_REPORTED = 5  # clips longer than the audio processor keeps: warnings (naming the sample) per collator
 
 
@@ -163,6 +165,9 @@ class MultimodalCollator:
                 values = [{"array": v, "sampling_rate": rate} if isinstance(v, (list, np.ndarray)) else v for v in values]
                 items[key] = [load_audio(v, index, name, self.sampling_rate, self.base_dir) for v in values]
                 self._check_window(key, items[key], index, name)
+            elif self._inputs[key] == VIDEO_ARGUMENT:  # frames sampled as the video processor says
+                sampling = {k: getattr(self.processor.encoder_processors[key], k, None) for k in ("fps", "max_frames")}
+                items[key] = [load_video(v, index, name, self.base_dir, **sampling) for v in values]
             else:
                 items[key] = [load_image(v, index, name, self.base_dir) for v in values]
         return items

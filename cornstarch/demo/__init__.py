@@ -5,11 +5,14 @@ Nothing here downloads anything. The images are scikit-learn's bundled 8×8 hand
 keypad plays for a digit; the tokenizer (:func:`demo_tokenizer`) is a small byte-level BPE trained locally on a
 corpus that covers the demo prompts and answers.
 
-Two tasks, each an in-memory :class:`datasets.Dataset` with a deterministic, disjoint train/validation split:
+Three tasks, each an in-memory :class:`datasets.Dataset` with a deterministic, disjoint train/validation split:
 
 - vision (``digits_vlm_dataset``): ``"<image>\\nWhich digit is this?"`` → ``"seven"``;
 - vision + audio (``digits_valm_dataset``): the image of digit *a* and the tone of an independently drawn digit
-  *b*, ``"<image>\\n<audio>\\nWhich digits are shown and played?"`` → ``"seven three"``.
+  *b*, ``"<image>\\n<audio>\\nWhich digits are shown and played?"`` → ``"seven three"``;
+- video (``digits_video_dataset``, :mod:`~cornstarch.demo.clips`): an MP4 clip of 2–4 digits shown one after
+  another, frames of a different size per clip, ``"<video>\\nWhich digits are shown, in order?"`` →
+  ``"three one four"``.
 
 Rows follow the sample layout of the data layer: ``{"messages": [...], "images": [...], "audios": [...]}`` plus
 label columns. ``write_demo_files`` writes the same samples as PNG/WAV files with ``data.jsonl``,
@@ -30,6 +33,7 @@ it is cached).
 """
 
 from .cache import demo_root
+from .clips import VIDEO_PLACEHOLDER, VIDEO_QUESTION, digits_video_dataset, write_digit_clips
 from .digits import digits_images
 from .files import write_demo_files
 from .prompts import AUDIO_PLACEHOLDER, DIGIT_NAMES, IMAGE_PLACEHOLDER, VALM_QUESTION, VLM_QUESTION
@@ -48,14 +52,18 @@ __all__ = [
     "VALM_FEATURES",
     "VALM_QUESTION",
     "VLM_FEATURES",
+    "VIDEO_PLACEHOLDER",
+    "VIDEO_QUESTION",
     "VLM_QUESTION",
     "demo_root",
     "demo_tokenizer",
     "digits_images",
     "digits_split",
     "digits_valm_dataset",
+    "digits_video_dataset",
     "digits_vlm_dataset",
     "dtmf_tone",
     "tokenizer_corpus",
     "write_demo_files",
+    "write_digit_clips",
 ]

@@ -6,6 +6,8 @@ index, a grid of resolutions) or learned parameters (then it is an ``nn.Module``
 the model: trained with its projector, saved and loaded with it). Such an object may declare, as attributes:
 
 - ``input_names``: batch entries routed to this encoder besides its ``forward``'s arguments (``image_sizes``);
+- ``replaces_inputs`` (a preprocess callback): its ``input_names`` are the only entries routed to the encoder, the
+  ``forward``'s arguments are built from them (a video's frames as an image tower's ``pixel_values``);
 - ``encoder_kwargs``: keyword arguments added to the encoder call (``{"output_hidden_states": -2}``);
 - ``count_features(n) -> n'``: how it changes each item's feature count (:mod:`cornstarch.models.feature_counts`);
 - ``recount_features(counts, outputs) -> counts``: a count change that needs the processor outputs (image sizes);

@@ -59,8 +59,15 @@ def dummy_inputs(encoder: nn.Module) -> dict[str, Any]:
     names = encoder.input_names
     placeholder = placeholder_item(config, device, dtype)  # variable-resolution towers
     if placeholder is not None:
+        if "video_grid_thw" in names and "image_grid_thw" not in names:  # fed videos: the same block as a video
+            placeholder = {"pixel_values_videos": placeholder["pixel_values"],
+                           "video_grid_thw": placeholder["image_grid_thw"]}
         return placeholder
     image_size = getattr(config, "image_size", None)
+    if "video_frames" in names and image_size is not None:  # an image tower fed frames: one step of zero frames
+        from .video import frame_placeholder
+
+        return frame_placeholder(encoder, config, device, dtype)
     video = next((n for n in ("pixel_values_videos",) if n in names), None)
     if ("pixel_values" in names or video) and image_size is not None:
         h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)

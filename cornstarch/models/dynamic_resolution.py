@@ -154,13 +154,15 @@ def family_callbacks(model: Any) -> dict[str, Callable]:
 
 # ----------------------------------------------------------------------------------------------- counts
 def qwen2_vl_counts(config: Any, outputs: dict) -> list[int]:
-    """Features per image of a Qwen2-VL / Qwen2.5-VL tower with its merger: ``t·h·w / spatial_merge_size²``.
+    """Features per image (or per video, from ``video_grid_thw``) of a Qwen2-VL / Qwen2.5-VL tower with its merger:
+    ``t·h·w / spatial_merge_size²``.
 
     >>> from transformers import Qwen2VLVisionConfig
     >>> qwen2_vl_counts(Qwen2VLVisionConfig(spatial_merge_size=2), {"image_grid_thw": torch.tensor([[1, 4, 8]])})
     [8]
     """
-    grid = torch.as_tensor(outputs["image_grid_thw"])  # [images, 3]
+    name = "image_grid_thw" if "image_grid_thw" in outputs else "video_grid_thw"
+    grid = torch.as_tensor(outputs[name])  # [items, 3]
     return (grid.prod(-1) // config.spatial_merge_size**2).tolist()
 
 
@@ -243,12 +245,18 @@ def item_rows(outputs: dict[str, Any]) -> dict[str, list[int]]:
 
     Returns:
         Output name → rows per item (``t·h·w`` of its grid), for each flat output whose grid is present and whose
-        row count is the grids' total; other outputs are absent.
+        row count is the grids' total, and each output with one row per frame beside ``video_frames`` (frames per
+        video); other outputs are absent.
 
     >>> item_rows({"pixel_values": torch.zeros(24, 96), "image_grid_thw": torch.tensor([[1, 2, 4], [1, 4, 4]])})
     {'pixel_values': [8, 16]}
     """
     rows = {}
+    frames = outputs.get("video_frames")  # videos as frames (cornstarch.models.video): rows per video
+    if frames is not None:
+        per_video = torch.as_tensor(frames).tolist()
+        rows.update({name: per_video for name, value in outputs.items()
+                     if name != "video_frames" and getattr(value, "ndim", 0) and value.shape[0] == sum(per_video)})
     for name, grid_name in FLAT_OUTPUTS.items():
         value, grid = outputs.get(name), outputs.get(grid_name)
         if value is None or grid is None:

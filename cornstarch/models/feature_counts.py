@@ -49,14 +49,19 @@ def _per_item(n_items: int, count: int) -> list[int]:
     return [count] * n_items
 
 
+def _pixels(outputs: dict) -> torch.Tensor:
+    """Images' ``pixel_values``, or a video processor's frames (``pixel_values_videos``), which count as images."""
+    return outputs["pixel_values"] if "pixel_values" in outputs else outputs["pixel_values_videos"]
+
+
 def _vision_with_cls(config: Any, outputs: dict) -> list[int]:
-    pixel_values = outputs["pixel_values"]
+    pixel_values = _pixels(outputs)
     extra = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     return _per_item(pixel_values.shape[0], _patches(config, pixel_values) + extra)
 
 
 def _vision_no_cls(config: Any, outputs: dict) -> list[int]:
-    pixel_values = outputs["pixel_values"]
+    pixel_values = _pixels(outputs)
     if pixel_values.dim() == 3:  # already patches [n, max_patches, channels * patch²] (SigLIP2's NaFlex input)
         return _per_item(pixel_values.shape[0], pixel_values.shape[1])
     return _per_item(pixel_values.shape[0], _patches(config, pixel_values))
@@ -159,8 +164,9 @@ class FeatureCounter:
         encoder: the ``ModalEncoderModule``, to measure a family with no built-in count.
 
     Attributes:
-        varies: whether the count depends on each item's size (variable-resolution towers), so that no single
-            item tells the count of the others.
+        varies: whether the count depends on each item's size (variable-resolution towers) or frame count (a
+            callback with ``varies_per_item``, such as video's temporal pooling), so that no single item tells the
+            count of the others.
 
     Raises:
         ValueError: for a family with no built-in count and no ``encoder`` (pass ``num_feature_calculation_funcs``
@@ -178,7 +184,8 @@ class FeatureCounter:
                 "num_feature_calculation_funcs={key: fn(inputs, outputs) -> list[int]}."
             )
         self._count = MeasuredCount(encoder) if self.measured else BUILTIN_COUNTS[model_type]
-        self.varies = model_type in DYNAMIC_COUNTS  # items yield as many features as their resolution gives
+        # items yield as many features as their resolution (or, for videos, their frame count) gives
+        self.varies = model_type in DYNAMIC_COUNTS or any(getattr(cb, "varies_per_item", False) for cb in callbacks)
         # the callbacks that change counts, in order (a measured count already went through them)
         self.callbacks = [] if self.measured else [
             cb for cb in callbacks if cb is not None and (hasattr(cb, "count_features") or hasattr(cb, "recount_features"))]

@@ -211,9 +211,11 @@ class ModalEncoderModule(nn.Module):
     @property
     def input_names(self) -> frozenset[str]:
         """Names of the batch entries routed to this encoder by :class:`MultimodalModel`: its ``forward``'s and
-        the ``input_names`` its callbacks declare."""
+        the ``input_names`` its callbacks declare (only those when the preprocess callback ``replaces_inputs``: it
+        builds every argument of the encoder from them, as a video's frames become an image tower's ``pixel_values``)."""
         declared = frozenset().union(*(getattr(cb, "input_names", ()) for cb in self.callbacks()))
-        return (self._module_arguments | declared) - LM_ARGUMENTS
+        own = frozenset() if getattr(self.preprocess_callback, "replaces_inputs", False) else self._module_arguments
+        return (own | declared) - LM_ARGUMENTS
 
     @property
     def hidden_size(self) -> int:
