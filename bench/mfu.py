@@ -262,8 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     if 1 in args.parts:
         for factor in args.widths:
             results.append(bench_mfu(widened(spec, factor), args.warmup, args.repeats, peak))
+            print(f"[1] done: {results[-1]['spec'].name}, medians (ms) "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in results[-1]["ms"].items()), flush=True)
     if 2 in args.parts:
-        vs = {frozen: bench_vs_llava(spec, frozen, args.warmup, args.repeats, peak) for frozen in (False, True)}
+        vs = {}
+        for frozen in (False, True):
+            vs[frozen] = bench_vs_llava(spec, frozen, args.warmup, args.repeats, peak)
+            print(f"[2] done: tower {'frozen' if frozen else 'trainable'}", flush=True)
     print(f"GEMM peak ({GEMM_N}² fp32, best of {len(peak.rates)} probes through the run): {peak.best / 1e9:.1f} "
           f"GFLOP/s (median probe {statistics.median(peak.rates) / 1e9:.1f})")
     if results:
