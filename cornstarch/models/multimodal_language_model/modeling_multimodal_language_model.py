@@ -4,7 +4,7 @@
 and runs the LM. Its parts live next to it: :class:`.projector.MultimodalProjector` (features → LLM width),
 :class:`.encoder_module.ModalEncoderModule` (one encoder with its callbacks and projector), :mod:`.components`
 (what trains), :mod:`.saving` (``save_pretrained``/``from_pretrained``), :mod:`.training_loss` (the training loss:
-:mod:`.supervised_loss`, :mod:`.chunked_loss`, :mod:`.moe`), :mod:`.native` (``from_hf``/``to_hf``). The first two are importable from here too, as the reference page shows.
+:mod:`.supervised_loss`, :mod:`.chunked_loss`, :mod:`.moe`), :mod:`.native` (``from_hf``/``to_hf``), :mod:`.compiling` (``compile()``). The first two are importable from here too, as the reference page shows.
 """
 
 from __future__ import annotations
