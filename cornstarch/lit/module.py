@@ -78,6 +78,9 @@ class MultimodalLitModule(L.LightningModule):
         generation: settings of generation in validation/predict.
         gradient_checkpointing: recompute activations in backward (less memory, more compute); per encoder and
             decoder layer, which are also the FSDP units.
+        compile: ``torch.compile`` each encoder and decoder layer for training (``MultimodalModel.compile()``):
+            the same loss, fewer memory-bound passes; the first training step compiles (tens of seconds on a CPU),
+            so it pays off on runs long enough to amortise that; evaluation and generation stay eager.
         loss_chunk_size: fuse the LM head and the training loss and run them this many supervised tokens at a
             time, never keeping ``[tokens, vocab]`` logits (``MultimodalModel.loss_chunk_size``); None: off.
 
@@ -98,6 +101,7 @@ class MultimodalLitModule(L.LightningModule):
         lora: LoraSpec | None = None,
         generation: GenerationSpec | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         loss_chunk_size: int | None = None,
         from_hf: HfSpec | str | None = None,
     ):
@@ -120,6 +124,8 @@ class MultimodalLitModule(L.LightningModule):
             self._add_lora(lora)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if compile:
+            self.model.compile()
         self.model.loss_chunk_size = loss_chunk_size  # validated by the model
         names = self.model.component_names()
         self.optimizer_config = optimizer or OptimizerConfig()

@@ -596,3 +596,13 @@ def test_moe_router_loss_coefficient_from_yaml_and_router_load_logged(tmp_path, 
     assert float(metrics["train/router_aux_loss"]) > 1 and float(metrics["val/router_aux_loss"]) > 1
     # one validation batch: val/loss includes the router term, val/epoch_loss (and the perplexity) does not
     torch.testing.assert_close(metrics["val/loss"] - metrics["val/epoch_loss"], 0.02 * metrics["val/router_aux_loss"])
+
+
+def test_compile_flag_compiles_every_layer_for_training():
+    from cornstarch.models.encoder_layers import layer_stack
+    from cornstarch.models.multimodal_language_model.compiling import is_compiled
+
+    module = make_module(compile=True)
+    for part in (module.model.vision_encoder.module, module.model.language_model):
+        assert all(is_compiled(layer) for layer in layer_stack(part)[1])
+    assert not any(is_compiled(layer) for layer in layer_stack(make_module().model.language_model)[1])
