@@ -25,8 +25,6 @@ Run from the repository root: ``python bench/generation_vs_hf_llava.py`` (``--qu
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_vs_hf_llava import (  # noqa: E402
+    cpu_name,
+    fill_defaults,
     LLAVA_SHAPED,
     PAD,
     QUICK,
@@ -51,19 +51,6 @@ from step_vs_hf_llava import (  # noqa: E402
 )
 
 EOS = 2
-
-
-def machine() -> str:
-    """CPU model and count, e.g. ``AMD EPYC 7B13, 2 CPUs``."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
 
 
 def prompts(spec: Spec, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -150,9 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time MultimodalModel.compile_generation (compiled decode steps, static cache)")
     args = parser.parse_args(argv)
-    for name, (full, quick) in {"repeats": (9, 3), "warmup": (2, 1)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_defaults(args, repeats=(9, 3), warmup=(2, 1))
     return args
 
 
@@ -162,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     tf.logging.set_verbosity_error()
     spec = QUICK if args.quick else LLAVA_SHAPED
     start = time.perf_counter()
-    print(f"machine: {machine()}; torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, "
+    print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, "
           f"warmup {args.warmup}, repeats {args.repeats}")
     print(f"config: vision {spec.vision_layers}x{spec.vision_hidden} ({spec.patches} image tokens: layer -2, CLS "
           f"dropped), LM {spec.lm_layers}x{spec.lm_hidden}, vocab {spec.vocab}; greedy, left padding")

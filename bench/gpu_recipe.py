@@ -38,6 +38,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from cornstarch.batch import SUPERVISED_POSITIONS, supervised_positions  # noqa: E402
 from step_vs_hf_llava import (  # noqa: E402
+    fill_defaults,
     MB,
     QUICK,
     Spec,
@@ -193,9 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model (the CPU smoke configuration)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    for name, (full, quick) in {"repeats": (20, 2), "warmup": (3, 1)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_defaults(args, repeats=(20, 2), warmup=(3, 1))
     return args
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_vs_hf_llava import (  # noqa: E402
+    cpu_name,
     LLAVA_SHAPED,
     LOSS_ATOL,
     QUICK,
@@ -237,9 +237,7 @@ def print_vs_llava(title: str, r: dict) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,8 +36,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,6 +47,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_vs_hf_llava import (  # noqa: E402
+    cpu_name,
+    fill_defaults,
     LLAVA_SHAPED,
     MB,
     QUICK,
@@ -73,15 +73,7 @@ SPEED_TARGET, MEMORY_TARGET = 1.5, 1.0
 
 def machine_name() -> str:
     """CPU model and core count (from ``/proc/cpuinfo`` on Linux), torch version and threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def point_spec(base: Spec, curve: str, x: int) -> tuple[Spec, int]:
@@ -252,9 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only profile the steps of one point, e.g. --profile batch 1")
     parser.add_argument("--replot", type=Path, help="only redraw the PNGs from this scaling.json (its command kept)")
     args = parser.parse_args(argv)
-    for name, (full, quick) in {"repeats": (5, 2), "warmup": (1, 1)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_defaults(args, repeats=(5, 2), warmup=(1, 1))
     return args
 
 

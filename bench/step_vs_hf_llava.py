@@ -50,6 +50,7 @@ import copy
 import dataclasses
 import gc
 import os
+import platform
 import statistics
 import sys
 import time
@@ -607,6 +608,26 @@ def print_chunked_loss(r: dict) -> None:
           f"(weight and its gradient included); |dloss| {r['dloss']:.1e}; {flag(r['busy'])}")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and count, e.g. ``Intel(R) Xeon(R) Processor, 2 CPUs`` (``/proc/cpuinfo`` on Linux)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def fill_defaults(args: argparse.Namespace, **defaults: tuple[int, int]) -> None:
+    """Set each option left unset to its ``(full, quick)`` default, by ``args.quick``."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
@@ -616,9 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller model, few steps")
     args = parser.parse_args(argv)
-    for name, (full, quick) in {"repeats": (20, 3), "warmup": (3, 1)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    fill_defaults(args, repeats=(20, 3), warmup=(3, 1))
     return args
 
 

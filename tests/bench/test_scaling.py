@@ -12,7 +12,7 @@ def test_quick_batch_curve(load_bench, one_thread, tmp_path):
     points = json.loads((tmp_path / "scaling.json").read_text())["curves"]["batch"]
     assert [p["x"] for p in points] == scaling.QUICK_CURVES["batch"] == [p["batch"] for p in points]
     assert (tmp_path / "scaling_batch.png").read_bytes()[:4] == b"\x89PNG"
-    assert "cores" in results["machine"] and results["command"].startswith("python bench/scaling.py --quick")
+    assert "CPUs" in results["machine"] and results["command"].startswith("python bench/scaling.py --quick")
     for p in points:
         assert p["dloss"] <= 1e-5
         # memory and FLOPs do not depend on the machine's load: both are below Llava's at every point
