@@ -110,11 +110,13 @@ class SlurmRequeue(Callback):
 
 
 def finish(trainer: L.Trainer | None) -> None:
-    """End of the ``cornstarch`` command: destroy the process group (without it a gloo process can abort at exit,
-    and torchrun then reports its node as failed), and exit with status 128 + the signal's number if the run
+    """End of the ``cornstarch`` command: wait for every rank (after a finished command), destroy the process group
+    (without it a gloo process can abort at exit, and torchrun then reports its node as failed), and exit with status 128 + the signal's number if the run
     stopped to be requeued (a stop for pre-emption is not a finished run, e.g. for ``cornstarch fit ... &&
     cornstarch export ...``)."""
     if dist.is_available() and dist.is_initialized():
+        if trainer is not None:  # a finished command: no rank leaves (and takes torchrun's store) while others work
+            dist.barrier()
         dist.destroy_process_group()
     for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, SlurmRequeue) and callback.requeued:
