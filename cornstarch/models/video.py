@@ -48,9 +48,10 @@ from .callbacks import ConfiguredCallback
 from .dynamic_resolution import merged_patches
 from .multimodal_language_model.import_paths import import_path, resolve
 
-__all__ = ["FRAMES", "check_sampling", "frame_placeholder", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
+__all__ = ["FRAMES", "MergedStepPooling", "check_sampling", "frame_placeholder", "Qwen2VLVideoFramesProcessor", "TemporalPooling", "VideoFramesProcessor", "frames_as_images",
            "mean_of_frame_pairs", "qwen2_vl_video_inputs", "repeat_last_frame", "step_encoding", "timed_frame_pairs",
-           "video_callbacks"]
+           "video_callbacks", "merged_steps", "timed_merged_steps", "normed_timed_steps", "normed_timed_patches",
+           "normed_patches"]
 
 FRAMES = "video_frames"  # frames per video, beside per-frame outputs laid end to end
 
@@ -406,3 +407,82 @@ class TemporalPooling(ConfiguredCallback):
 
 mean_of_frame_pairs = TemporalPooling(2)  # ready to name in a config: "cornstarch.models.video:mean_of_frame_pairs"
 timed_frame_pairs = TemporalPooling(2, time_encoding=True)  # the same, each step marked with its index in the video
+
+
+class MergedStepPooling(ConfiguredCallback):
+    """``postprocess_module_callback`` of a Qwen2-VL / Qwen2.5-VL tower fed videos: the merger's features, optionally
+    averaged into one feature per time step, layer-normalised and marked with their time step's index.
+
+    - ``pool``: each time step's merged features averaged into one, so a video of ``t`` steps gives ``t`` features
+      whatever its frame size (the tower still sees every patch at its own resolution, attending across the video).
+    - ``normalize``: each feature layer-normalised, without parameters. A small tower trained from scratch gives
+      merged features far smaller than the language model's token embeddings, and nearly the same for every token;
+      normalised, they start at the scale of the embeddings (as a CLIP tower's ``post_layernorm`` output does).
+    - ``time_encoding``: each feature gets the sinusoidal encoding of its time step's index within its video (as
+      :class:`TemporalPooling`), so the language model can tell the steps apart by content, not only by position.
+
+    The step boundaries come from ``grid_thw`` (one host read of the step count per batch).
+
+    Args:
+        merge_size: the tower's ``spatial_merge_size``.
+        time_encoding: add each feature's step index encoding.
+        normalize: layer-normalise each feature (before the index encoding).
+        pool: one feature per step (else every merged feature is kept).
+
+    Raises:
+        ValueError: for ``merge_size`` < 1.
+
+    >>> pool = MergedStepPooling()
+    >>> out = type("Out", (), {"pooler_output": torch.arange(10.).reshape(5, 2)})()
+    >>> pool({"grid_thw": torch.tensor([[1, 2, 2], [2, 2, 4]])}, out)[0].tolist()  # 1 step of 1, 2 steps of 2
+    [[0.0, 1.0], [3.0, 4.0], [7.0, 8.0]]
+    >>> pool.recount_features([1, 4], {"video_grid_thw": torch.tensor([[1, 2, 2], [2, 2, 4]])})
+    [1, 2]
+    """
+
+    varies_per_item = True  # a video's count is its number of steps
+
+    def __init__(self, merge_size: int = 2, time_encoding: bool = False, normalize: bool = False,
+                 pool: bool = True):
+        if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+            raise ValueError(f"merge_size must be an integer >= 1, got {merge_size!r}.")
+        self.merge_size, self.time_encoding, self.normalize, self.pool = (merge_size, bool(time_encoding),
+                                                                          bool(normalize), bool(pool))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"merge_size": self.merge_size, "time_encoding": self.time_encoding, "normalize": self.normalize,
+                "pool": self.pool}
+
+    def __call__(self, inputs: dict[str, Any], output: Any) -> tuple[torch.Tensor]:
+        features = output.pooler_output if hasattr(output, "pooler_output") else output[0]  # [Σ t·h·w/m², hidden]
+        grid = inputs.get("grid_thw", inputs.get("video_grid_thw")).to(features.device).long()  # [videos, 3]
+        per_step = grid[:, 1] * grid[:, 2] // self.merge_size**2  # features per step, per video
+        steps = grid[:, 0]
+        total = int(steps.sum())
+        sizes = torch.repeat_interleave(per_step, steps, output_size=total)  # [total steps]
+        index = torch.repeat_interleave(torch.arange(total, device=features.device), sizes,
+                                        output_size=features.shape[0])
+        if self.pool:
+            pooled = features.new_zeros(total, features.shape[-1]).index_add_(0, index, features)
+            pooled = pooled / sizes[:, None].to(pooled.dtype)
+        else:
+            pooled = features
+        if self.normalize:
+            pooled = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        if self.time_encoding:
+            encoding = step_encoding(steps, total, pooled.shape[-1]).to(pooled.dtype)
+            pooled = pooled + (encoding if self.pool else encoding[index])
+        return (pooled,)
+
+    def recount_features(self, counts: list[int], outputs: dict[str, Any]) -> list[int]:
+        """Per-video counts → each video's number of steps."""
+        if not self.pool:
+            return counts
+        return torch.as_tensor(outputs["video_grid_thw"])[:, 0].tolist()
+
+
+merged_steps = MergedStepPooling()  # "cornstarch.models.video:merged_steps" in a config
+timed_merged_steps = MergedStepPooling(time_encoding=True)  # the same, each step marked with its index
+normed_timed_steps = MergedStepPooling(time_encoding=True, normalize=True)  # one normalised, indexed feature per step
+normed_timed_patches = MergedStepPooling(time_encoding=True, normalize=True, pool=False)  # every merged feature so
+normed_patches = MergedStepPooling(normalize=True, pool=False)  # every merged feature, normalised only

@@ -23,8 +23,8 @@ from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
 from cornstarch.data.packing import pack_batch
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
 from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
-from cornstarch.models.video import (Qwen2VLVideoFramesProcessor, TemporalPooling, VideoFramesProcessor,
-                                     video_callbacks)
+from cornstarch.models.video import (MergedStepPooling, Qwen2VLVideoFramesProcessor, TemporalPooling,
+                                     VideoFramesProcessor, qwen2_vl_video_inputs, video_callbacks)
 from tests import tiny
 from tests.models.test_dynamic_resolution import PATCH, copy_of, image_processor, images, native
 
@@ -128,6 +128,28 @@ def test_processor_counts_equal_the_video_features_produced(qwen, counting, spec
                      full.get_video_features(out["pixel_values_videos"], out["video_grid_thw"]).pooler_output]
         produced = encoder(**out).shape[0]
     assert counts == per_video and sum(counts) == produced
+
+
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("time_encoding", [True, False])
+def test_merged_step_pooling_counts_equal_the_features_produced(qwen, pool, time_encoding):
+    full, _ = qwen
+    callback = MergedStepPooling(time_encoding=time_encoding, normalize=True, pool=pool)
+    encoder = ModalEncoderModule(copy_of(full.visual), projector=torch.nn.Identity(),
+                                 preprocess_callback=qwen2_vl_video_inputs, postprocess_module_callback=callback)
+    mllm = MultimodalModel({"video": encoder}, tiny.llm("llama"))
+    processor = MultimodalProcessor({"video": video_processor(max_frames=6)}, tiny.tokenizer(), model=mllm)
+    out, counts = processor.process_modality("video", {"videos": videos([(4, 16, 24), (3, 8, 32), (2, 24, 24)])})
+    with torch.no_grad():
+        merged = full.get_video_features(out["pixel_values_videos"], out["video_grid_thw"]).pooler_output
+        got = encoder(**out)
+    assert counts == ([2, 2, 1] if pool else [f.shape[0] for f in merged]) and got.shape[0] == sum(counts)
+    if pool:  # each step: the mean of its merged features, normalised, plus its index's encoding
+        first = torch.nn.functional.layer_norm(merged[0][:merged[0].shape[0] // 2].mean(0), (merged[0].shape[-1],))
+        if time_encoding:
+            first = first + torch.tensor([0.0, 1.0] * (first.shape[0] // 2))
+        torch.testing.assert_close(got[0], first, atol=1e-5, rtol=0)
+    assert torch.allclose(got.mean(-1), torch.zeros(1), atol=1e-5) or time_encoding  # unit-scale features
 
 
 # ----------------------------------------------------------------------------------------------- image towers
