@@ -38,11 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_vs_hf_llava import (  # noqa: E402
+    bench_spec,
     cpu_name,
     fill_defaults,
-    LLAVA_SHAPED,
     PAD,
-    QUICK,
     Spec,
     build_llava,
     cornstarch_from_llava,
@@ -143,9 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tf.logging.set_verbosity_error()
-    spec = QUICK if args.quick else LLAVA_SHAPED
+    spec = bench_spec(args)
     start = time.perf_counter()
     print(f"machine: {cpu_name()}; torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, "
           f"warmup {args.warmup}, repeats {args.repeats}")

@@ -42,10 +42,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_vs_hf_llava import (  # noqa: E402
+    bench_spec,
+    fill_defaults,
     cpu_name,
-    LLAVA_SHAPED,
     LOSS_ATOL,
-    QUICK,
     Spec,
     build_llava,
     cornstarch_from_llava,
@@ -249,16 +249,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: a small model, few steps")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 10)
-    args.warmup = args.warmup or (1 if args.quick else 2)
+    fill_defaults(args, repeats=(10, 3), warmup=(2, 1))
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tf.logging.set_verbosity_error()
-    spec = QUICK if args.quick else LLAVA_SHAPED
+    spec = bench_spec(args)
     start = time.perf_counter()
     peak = GemmPeak()
     print(f"machine: {machine()}; transformers {tf.__version__}; warmup {args.warmup}, repeats {args.repeats}")

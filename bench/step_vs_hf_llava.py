@@ -628,6 +628,14 @@ def fill_defaults(args: argparse.Namespace, **defaults: tuple[int, int]) -> None
             setattr(args, name, quick if args.quick else full)
 
 
+def bench_spec(args: argparse.Namespace) -> Spec:
+    """Set the run's threads (``args.threads``), quiet transformers, and return the model to measure: the small
+    ``QUICK`` one with ``args.quick``, else the Llava-shaped one."""
+    torch.set_num_threads(args.threads)
+    tf.logging.set_verbosity_error()
+    return QUICK if args.quick else LLAVA_SHAPED
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
@@ -643,9 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tf.logging.set_verbosity_error()
-    spec = QUICK if args.quick else LLAVA_SHAPED
+    spec = bench_spec(args)
     start = time.perf_counter()
     print(f"torch {torch.__version__}, transformers {tf.__version__}, threads {args.threads}, warmup {args.warmup}, "
           f"repeats {args.repeats}\nconfig: {spec.describe()}")
