@@ -113,6 +113,29 @@ def atomic_path(path: str | os.PathLike, write: bool = True) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in a checkpoint directory: ``.<name>.partial`` and ``.<name>.old`` entries
+    (a kill during a save of a checkpoint whose name is never written again leaves one otherwise).
+
+    Returns:
+        the names removed, sorted.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / ".epoch=0-step=6.ckpt.partial").write_bytes(b"half")
+    >>> _ = (d / "last.ckpt").write_bytes(b"whole")
+    >>> remove_stale_temporaries(d), sorted(p.name for p in d.iterdir())
+    (['.epoch=0-step=6.ckpt.partial'], ['last.ckpt'])
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.glob(".*") if p.name.endswith((PARTIAL_SUFFIX, ".old")))
+    for path in stale:
+        _remove(path)
+    return [p.name for p in stale]
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` without the staging copy: ``torch.save`` straight into the file it is given
     (:class:`CornstarchTrainer` gives it a temporary name next to the destination), and a load error that names the
@@ -206,6 +229,11 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.default_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath:
+            removed = remove_stale_temporaries(self.dirpath)
+            if removed:
+                log.warning("Removed %d temporaries a killed run left in %s: %s", len(removed), self.dirpath,
+                            ", ".join(removed))
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -112,6 +112,19 @@ def test_full_disk_leaves_no_truncated_checkpoint(tmp_path):
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_fit_removes_temporaries_a_killed_save_left(tmp_path):
+    """A kill while a checkpoint whose name is never written again was saved left its temporary: the next fit
+    removes it (and a stale ``.old`` directory) and keeps every whole checkpoint."""
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    (ckpt_dir / ".epoch=0-step=3.ckpt.partial").write_bytes(b"half a checkpoint")
+    (ckpt_dir / ".last.ckpt.old").mkdir()
+    (ckpt_dir / "keep.ckpt").write_bytes(b"a whole file")
+    _trainer(tmp_path, Checkpoint(), max_steps=2).fit(Toy())
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert not [n for n in names if n.startswith(".")] and {"keep.ckpt", "last.ckpt"} <= set(names), names
+
+
 def test_ckpt_path_last_without_a_checkpoint_fails_and_auto_starts_fresh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run", max_steps=1)
