@@ -194,8 +194,13 @@ def bench_vs_llava(spec: Spec, frozen: bool, warmup: int, repeats: int, peak: Ge
         kind = "fused" if fused else "plain"
         for name, model in (("hf", llava), ("cs", mllm), ("cs compiled", compiled)):
             runs[f"{name}, {kind} AdamW"] = full_step(model, batch, adamw(model, fused))
+    alone = copy.deepcopy(mllm)  # its own gradients, kept between optimizer steps
+    for fused in (False, True):
+        runs[f"optimizer alone, {'fused' if fused else 'plain'} AdamW"] = optimizer_alone(alone, batch,
+                                                                                          adamw(alone, fused))
     ms, busy = interleaved_median_ms(runs, warmup, repeats)
-    return {"ms": ms, "dloss": dloss, "busy": busy}
+    mllm.zero_grad(set_to_none=True)
+    return {"ms": ms, "dloss": dloss, "busy": busy, "gemm_ms": 1e3 * gemm_only_seconds(mllm, batch)}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -234,6 +239,12 @@ def print_vs_llava(title: str, r: dict) -> None:
         print(f"    {kind} AdamW: HF {hf:.1f} ms; cornstarch {ms[f'cs, {kind} AdamW']:.1f} ms "
               f"({hf / ms[f'cs, {kind} AdamW']:.2f}x), compiled {ms[f'cs compiled, {kind} AdamW']:.1f} ms "
               f"({hf / ms[f'cs compiled, {kind} AdamW']:.2f}x)")
+    for kind in ("plain", "fused"):
+        opt = ms[f"optimizer alone, {kind} AdamW"]
+        floor = r["gemm_ms"] + opt
+        print(f"    ceiling, {kind} AdamW: cornstarch's matmuls alone ({r['gemm_ms']:.1f} ms) + its optimizer step alone "
+              f"({opt:.1f} ms) = {floor:.1f} ms, so no step doing its FLOPs can beat HF by more than "
+              f"{ms[f'hf, {kind} AdamW'] / floor:.2f}x here")
 
 
 def machine() -> str:
