@@ -141,6 +141,19 @@ def captured_inputs_embeds(language_model: torch.nn.Module):
         handle.remove()
 
 
+def placeholder_loss(mllm: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch``'s loss with ``encode_absent`` on (a rank without the modality's items; backward run), and
+    without it (the expected value), both detached."""
+    expected = mllm(**batch).loss.detach()
+    mllm.encode_absent = True
+    try:
+        loss = mllm(**batch).loss
+        loss.backward()
+    finally:
+        mllm.encode_absent = False
+    return loss.detach(), expected
+
+
 WORDS = ("USER ASSISTANT : what is this which digit shown and played ? the a an image audio picture sound "
          "zero one two three four five six seven eight nine describe hello world").split()
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature, Qwen2VLImageProcessorPil
 
+from .builder import ProcessorSpec
 from .callbacks import ConfiguredCallback
 from .dynamic_resolution import merged_patches
 from .multimodal_language_model.import_paths import import_path, resolve
@@ -241,9 +242,7 @@ class VideoFramesProcessor:
 
     def __init__(self, image_processor: Any, pool: int = 1, fps: float | None = None, max_frames: int | None = None):
         if isinstance(image_processor, dict):  # {"class_path": ..., "kwargs": {...}}, as a YAML config gives it
-            path = image_processor["class_path"]
-            path = path if ":" in path else "{}:{}".format(*path.rsplit(".", 1))
-            image_processor = resolve(path)(**image_processor.get("kwargs", {}))
+            image_processor = ProcessorSpec(**image_processor).build()
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
             raise ValueError(f"pool must be an integer >= 1 (frames averaged into one step), got {pool!r}.")
         check_sampling(fps, max_frames)

@@ -93,16 +93,14 @@ def compile_layers(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     """
     paths = []
     parts = {f"{key}_encoder.module": encoder.module for key, encoder in model.encoders.items()}
-    for prefix, part in parts.items():
+    for prefix, part in {**parts, "language_model": model.language_model}.items():
         try:
             path, layers = layer_stack(part)
-        except ValueError:  # e.g. a convolutional backbone: eager
+        except ValueError:  # an encoder without one (e.g. a convolutional backbone) runs eagerly; the LM must have one
+            if part is model.language_model:
+                raise
             continue
         paths.append(f"{prefix}.{path}")
         for layer in layers:
             compile_layer(layer, **compile_kwargs)
-    path, layers = layer_stack(model.language_model)
-    paths.append(f"language_model.{path}")
-    for layer in layers:
-        compile_layer(layer, **compile_kwargs)
     return paths

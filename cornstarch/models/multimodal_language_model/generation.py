@@ -32,6 +32,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -202,13 +203,10 @@ def next_token(language_model: nn.Module, token: torch.Tensor, position: torch.T
     return logits[:, -1].float().argmax(-1)
 
 
-_COMPILED: list[Any] = []  # next_token through torch.compile, built on first use (one per process)
-
-
+@functools.cache
 def _compiled_step() -> Any:
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(next_token, dynamic=True))
-    return _COMPILED[0]
+    """``next_token`` through ``torch.compile``, built on first use (one per process)."""
+    return torch.compile(next_token, dynamic=True)
 
 
 def _first(mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:
