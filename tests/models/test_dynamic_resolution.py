@@ -163,27 +163,31 @@ def trainable(family):
     return mllm, MultimodalCollator(proc)
 
 
-def alone_losses(mllm, collate) -> torch.Tensor:
-    return torch.stack([mllm(**collate([s])).loss for s in SAMPLES])
+def alone_losses(mllm, collate, samples=SAMPLES) -> torch.Tensor:
+    return torch.stack([mllm(**collate([s])).loss for s in samples])
 
 
-def batch_losses(mllm, batch, sample_of_token) -> torch.Tensor:
+def batch_losses(mllm, batch, sample_of_token, n=len(SAMPLES)) -> torch.Tensor:
     out = mllm(**batch)
     targets = next_token_targets(batch["labels"], out.logits_positions)
     owners = next_token_targets(sample_of_token, out.logits_positions).clamp(min=0)
-    return per_sample_loss(out.logits, targets, owners, len(SAMPLES))
+    return per_sample_loss(out.logits, targets, owners, n)
+
+
+def packed_or_padded(batch, packed: bool, n: int):
+    """``batch`` packed into fewer rows (or kept padded), and the sample of each token (-1 at padding)."""
+    if packed:
+        batch, sample_of_token = pack_batch(batch, capacity=int(batch["attention_mask"].sum(1).max()) * 2)
+        assert batch["input_ids"].shape[0] < n
+        return batch, sample_of_token
+    rows = torch.arange(n)[:, None].expand_as(batch["input_ids"])
+    return batch, rows.masked_fill(batch["attention_mask"] == 0, -1)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_mixed_sizes_train_like_each_sample_alone(trainable, packed):
     mllm, collate = trainable
-    batch = collate(SAMPLES)
-    if packed:
-        batch, sample_of_token = pack_batch(batch, capacity=int(batch["attention_mask"].sum(1).max()) * 2)
-        assert batch["input_ids"].shape[0] < len(SAMPLES)
-    else:
-        rows = torch.arange(len(SAMPLES))[:, None].expand_as(batch["input_ids"])
-        sample_of_token = rows.masked_fill(batch["attention_mask"] == 0, -1)
+    batch, sample_of_token = packed_or_padded(collate(SAMPLES), packed, len(SAMPLES))
     got = batch_losses(mllm, batch, sample_of_token)
     with torch.no_grad():
         expected = alone_losses(mllm, collate)

@@ -20,13 +20,12 @@ from hypothesis import strategies as st
 
 from cornstarch.data.collator import MultimodalCollator
 from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
-from cornstarch.data.packing import pack_batch
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
-from cornstarch.models.multimodal_language_model.supervised_loss import next_token_targets, per_sample_loss
 from cornstarch.models.video import (MergedStepPooling, Qwen2VLVideoFramesProcessor, TemporalPooling,
                                      VideoFramesProcessor, qwen2_vl_video_inputs, video_callbacks)
 from tests import tiny
-from tests.models.test_dynamic_resolution import PATCH, copy_of, image_processor, images, native
+from tests.models.test_dynamic_resolution import (PATCH, alone_losses, batch_losses, copy_of, image_processor, images,
+                                                  native, packed_or_padded)
 
 SIZE = {"shortest_edge": 64, "longest_edge": 64 * 36}  # frames of 8×8 .. 48×48 pixels keep their size (factor 8)
 
@@ -249,18 +248,10 @@ def test_images_video_and_text_train_like_each_sample_alone(trainable, packed):
     mllm, collate = trainable
     batch = collate(SAMPLES)
     assert batch["video_grid_thw" if "video_grid_thw" in batch else "video_frames"].shape[0] == 2
-    if packed:
-        batch, sample_of_token = pack_batch(batch, capacity=int(batch["attention_mask"].sum(1).max()) * 2)
-        assert batch["input_ids"].shape[0] < len(SAMPLES)
-    else:
-        rows = torch.arange(len(SAMPLES))[:, None].expand_as(batch["input_ids"])
-        sample_of_token = rows.masked_fill(batch["attention_mask"] == 0, -1)
-    out = mllm(**batch)
-    targets = next_token_targets(batch["labels"], out.logits_positions)
-    owners = next_token_targets(sample_of_token, out.logits_positions).clamp(min=0)
-    got = per_sample_loss(out.logits, targets, owners, len(SAMPLES))
+    batch, sample_of_token = packed_or_padded(batch, packed, len(SAMPLES))
+    got = batch_losses(mllm, batch, sample_of_token, len(SAMPLES))
     with torch.no_grad():
-        expected = torch.stack([mllm(**collate([s])).loss for s in SAMPLES])
+        expected = alone_losses(mllm, collate, SAMPLES)
     torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=0)
     got.mean().backward()  # a train step reaches both towers
     for key in ("vision", "video"):  # (CLIP's post_layernorm, behind its pooled output, stays unused)
