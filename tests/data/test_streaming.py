@@ -9,13 +9,15 @@ import os
 import tarfile
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
+import webdataset
 
 from cornstarch.data import DatasetSpec, MultimodalCollator, MultimodalDataModule
 from cornstarch.data.prepare import main as prepare_main
 from cornstarch.data.prepare import prepare
-from cornstarch.data.streaming import ShardStream, StreamingBatches, StreamingLoader
+from cornstarch.data.streaming import ShardStream, StreamingBatches, StreamingLoader, tar_members
 from tests.data.llava_data import write_llava
 from tests.data.test_collator import make
 
@@ -57,6 +59,27 @@ def test_prepare_writes_webdataset_shards_and_reports_skipped_rows(data, tmp_pat
     encoded = prepare_main([path, "--out", str(tmp_path / "encoded"), "--processor", str(tmp_path / "processor")])
     assert encoded["encoded"] and encoded["samples"] == ROWS - 2
     assert "58 of 60 rows written (encoded) to 1 shards" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["shards", "encoded"])
+def test_the_webdataset_library_reads_every_sample_the_stream_reads(data, kind):
+    """An independent reader of the layout: ``webdataset.WebDataset`` over the shards yields, sample by sample, the
+    keys and member bytes the stream reads through ``index.json``'s byte ranges, and the encoded columns as arrays."""
+    stream = ShardStream(str(data[0] / kind), shuffle_buffer=0)
+    ours = []
+    for ref in stream.refs(0):
+        with open(stream.files[stream.shard[ref]], "rb") as f:
+            f.seek(int(stream.start[ref]))
+            members = tar_members(f.read(int(stream.end[ref] - stream.start[ref])))
+        key = next(name for name in members if name.endswith(".json"))[:-len(".json")]
+        ours.append({"__key__": key, **{name[len(key) + 1:]: value for name, value in members.items()}})
+    theirs = [{k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")}
+              for sample in webdataset.WebDataset(stream.files, shardshuffle=False, empty_check=False)]
+    assert len(theirs) == len(ours) == ROWS - 2 and theirs == ours
+    if kind == "encoded":  # the columns decode with webdataset's own .npy decoder
+        decoded = next(iter(webdataset.WebDataset(stream.files[:1], shardshuffle=False).decode()))
+        sample = stream.load(0)
+        assert all(np.array_equal(decoded[f"{name}.npy"], sample[name]) for name in ("input_ids", "labels"))
 
 
 def test_each_epoch_is_a_new_shuffle_of_every_sample(data):
