@@ -10,7 +10,8 @@
     cornstarch fit --config experiments/digits_vlm.yaml --ckpt_path auto   # resume if possible (requeued jobs)
 
 Checkpoints are written atomically, ``last.ckpt`` is always the newest state, SIGTERM/SIGINT save it and exit
-143/130, and a non-finite loss stops training: see :mod:`cornstarch.lit.checkpointing`.
+143/130, and a non-finite loss stops training: see :mod:`cornstarch.lit.checkpointing`. On Linux the command first
+makes glibc keep freed host memory for reuse between steps (:mod:`cornstarch.lit.host_memory`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from ..data.datamodule import MultimodalDataModule
 from . import cluster
 from .checkpointing import AtomicCheckpointIO, Checkpoint, CheckpointError, atomic_path, read_checkpoint
+from .host_memory import keep_freed_host_memory
 from .nonfinite import NonFiniteGuard
 from .signals import StopOnSignal
 from .module import MultimodalLitModule
@@ -230,6 +232,7 @@ def main(args: list[str] | None = None) -> None:
         SystemExit: with ``128 + signal number`` after a signal stopped training and a checkpoint was saved
             (SIGTERM 143, SIGINT 130, SLURM's requeue signal), so a preempted run never exits 0.
     """
+    keep_freed_host_memory()
     try:
         cli = CornstarchCLI(MultimodalLitModule, MultimodalDataModule, trainer_class=CornstarchTrainer,
                             save_config_kwargs={"overwrite": True}, args=args)

@@ -1,0 +1,66 @@
+"""keep_freed_host_memory: the train steps of an LM with a 32k x 256 embedding and head page-fault their ~31 MiB
+gradients in again every step under glibc's default thresholds, and not once freed memory is kept; the user's own
+MALLOC_* settings are left alone; the ``cornstarch`` command applies it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
+STEPS = """
+import json, resource, sys, torch
+import transformers as tf
+from cornstarch.lit import host_memory
+applied = host_memory.keep_freed_host_memory() if sys.argv[1] == "kept" else False
+torch.manual_seed(0)
+config = tf.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4)
+model = tf.LlamaForCausalLM(config)  # embedding and head: 31.25 MiB each
+optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+tokens = torch.randint(0, 32000, (4, 64))
+faults = []
+for step in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    logits = model(input_ids=tokens, logits_to_keep=17).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, -16:].flatten()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults[3:]}))
+"""
+
+
+def run(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True,
+                         env={**clean, **env}).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_freed_gradients_are_reused_instead_of_page_faulted_in_every_step():
+    pages = 2 * 32000 * 256 * 4 // 4096  # of the embedding's and the head's gradients
+    default, kept = run("default"), run("kept")
+    assert statistics.median(default["faults"]) > pages // 2, default  # given back to the kernel, faulted in again
+    assert kept["applied"] and statistics.median(kept["faults"]) < pages // 100, kept
+
+
+def test_the_users_malloc_settings_are_kept():
+    assert run("kept", MALLOC_TRIM_THRESHOLD_="0")["applied"] is False
+
+
+def test_the_cornstarch_command_applies_it():
+    code = ("from cornstarch.lit import cli, host_memory\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(host_memory.applied)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=clean).stdout
+    assert out.splitlines()[-1] == "True"
