@@ -198,13 +198,19 @@ def test_mixed_sizes_train_like_each_sample_alone(trainable, packed):
     mllm.zero_grad()
 
 
-def test_samples_encoded_ahead_pad_into_the_same_batch(trainable, family):
-    _, collate = trainable
-    encoded = encode_split(Dataset.from_list(SAMPLES), collate, "train")  # each sample on its own, in Arrow
-    whole, padded = collate(SAMPLES), EncodedCollate(collate)(EncodedDataset(encoded).__getitems__([0, 1, 2, 3]))
+def assert_encoded_ahead_pads_into_the_same_batch(collate, samples) -> dict:
+    """Each of ``samples`` encoded on its own into Arrow, then padded, gives ``collate(samples)`` exactly (returned)."""
+    encoded = encode_split(Dataset.from_list(samples), collate, "train")
+    whole = collate(samples)
+    padded = EncodedCollate(collate)(EncodedDataset(encoded).__getitems__(list(range(len(samples)))))
     assert whole.keys() == padded.keys()
     for key in whole:
         torch.testing.assert_close(padded[key], whole[key], atol=0, rtol=0)
+    return whole
+
+
+def test_samples_encoded_ahead_pad_into_the_same_batch(trainable, family):
+    whole = assert_encoded_ahead_pads_into_the_same_batch(trainable[1], SAMPLES)
     direct = family[2](images=[image for s in SAMPLES for image in s["images"]], return_tensors="pt")
     for key, value in direct.items():  # the batch holds what the processor gives for all its images at once
         torch.testing.assert_close(whole[key], value, atol=0, rtol=0)

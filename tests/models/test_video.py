@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cornstarch.data.collator import MultimodalCollator
-from cornstarch.data.encoded import EncodedCollate, EncodedDataset, encode_split
 from cornstarch.models.multimodal_language_model import ModalEncoderModule, MultimodalModel, MultimodalProcessor
 from cornstarch.models.video import (MergedStepPooling, Qwen2VLVideoFramesProcessor, TemporalPooling,
                                      VideoFramesProcessor, qwen2_vl_video_inputs, video_callbacks)
 from tests import tiny
-from tests.models.test_dynamic_resolution import (PATCH, alone_losses, batch_losses, copy_of, image_processor, images,
-                                                  native, packed_or_padded)
+from tests.models.test_dynamic_resolution import (PATCH, alone_losses, assert_encoded_ahead_pads_into_the_same_batch,
+                                                  batch_losses, copy_of, image_processor, images, native,
+                                                  packed_or_padded)
 
 SIZE = {"shortest_edge": 64, "longest_edge": 64 * 36}  # frames of 8×8 .. 48×48 pixels keep their size (factor 8)
 
@@ -261,12 +260,7 @@ def test_images_video_and_text_train_like_each_sample_alone(trainable, packed):
 
 
 def test_videos_encoded_ahead_pad_into_the_same_batch(trainable):
-    _, collate = trainable
-    encoded = encode_split(Dataset.from_list(SAMPLES), collate, "train")  # each sample on its own, in Arrow
-    whole, padded = collate(SAMPLES), EncodedCollate(collate)(EncodedDataset(encoded).__getitems__([0, 1, 2, 3]))
-    assert whole.keys() == padded.keys()
-    for key in whole:
-        torch.testing.assert_close(padded[key], whole[key], atol=0, rtol=0)
+    assert_encoded_ahead_pads_into_the_same_batch(trainable[1], SAMPLES)
 
 
 def test_video_model_and_processor_save_and_load(trainable, tmp_path):
