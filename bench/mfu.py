@@ -16,7 +16,8 @@ Llama 4×256, vocab 32 000, batch 4, 65 image + 48 text tokens, 16 supervised) a
     cost anything: the best model FLOP/s this step could reach on this machine.
 [2] train step vs ``LlavaForConditionalGeneration`` at the bench configuration, same weights and batch (losses
     asserted equal within 1e-5), all trainable and with the tower frozen, with plain ``torch.optim.AdamW`` (its
-    default, ``foreach``) on both sides and with the fused AdamW on both sides; cornstarch eager and compiled.
+    default: a loop over the parameters on CPU tensors, ``foreach`` on accelerators) on both sides and with the
+    fused AdamW on both sides; cornstarch eager and compiled.
 
 Every part prints ``other CPU``: the share of the CPUs that other processes used while timing.
 
@@ -81,7 +82,8 @@ class GemmPeak:
 
 
 def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: fused (one kernel) or torch's default (``foreach``)."""
+    """AdamW over the trainable parameters: fused (one kernel) or torch's default (on CPU tensors a loop over the
+    parameters; ``foreach`` on accelerators)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                              fused=True if fused else None)
 
