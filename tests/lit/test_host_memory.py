@@ -1,6 +1,6 @@
 """keep_freed_host_memory: the train steps of an LM with a 32k x 256 embedding and head page-fault their ~31 MiB
 gradients in again every step under glibc's default thresholds, and not once freed memory is kept; the user's own
-MALLOC_* settings are left alone; the ``cornstarch`` command applies it."""
+MALLOC_* settings and CORNSTARCH_KEEP_FREED_MEMORY=0 are respected; the ``cornstarch`` command applies it."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def test_freed_gradients_are_reused_instead_of_page_faulted_in_every_step():
     assert kept["applied"] and statistics.median(kept["faults"]) < pages // 100, kept
 
 
-def test_the_users_malloc_settings_are_kept():
+def test_the_users_malloc_settings_and_the_opt_out_are_kept():
     assert run("kept", MALLOC_TRIM_THRESHOLD_="0")["applied"] is False
+    assert run("kept", CORNSTARCH_KEEP_FREED_MEMORY="0")["applied"] is False
 
 
 def test_the_cornstarch_command_applies_it():
