@@ -27,7 +27,7 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_vs_hf_llava import LLAVA_SHAPED, build_llava, cornstarch_from_llava, cpu_name, make_batch  # noqa: E402
+from step_vs_hf_llava import LLAVA_SHAPED, adamw, build_llava, cornstarch_from_llava, cpu_name, make_batch  # noqa: E402
 
 from cornstarch.lit.host_memory import keep_freed_host_memory  # noqa: E402
 
@@ -44,7 +44,7 @@ def measure(model_name: str, allocator: str, steps: int, threads: int) -> dict[s
     if model_name != "hf":
         del llava
     batch = make_batch(LLAVA_SHAPED)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    optimizer = adamw(model)  # fused
     rows = []
     for _ in range(3 + steps):
         faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()

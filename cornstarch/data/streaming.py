@@ -181,9 +181,8 @@ class ShardStream:
         order = buffer_shuffle(order[self.kept[order]], self.shuffle_buffer, rng)
         return (int(ref) for start in range(0, len(order), 4096) for ref in order[start:start + 4096].tolist())
 
-    def load(self, ref: int) -> dict[str, Any]:
-        """Sample ``ref``: encoded, its columns (:func:`~cornstarch.data.encoded_shards.read_sample`); raw, its
-        ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
+    def members(self, ref: int) -> dict[str, bytes]:
+        """Name → bytes of sample ``ref``'s tar members, read with one ``seek`` and one ``read``."""
         shard = int(self.shard[ref])
         handle = self._handles.get(shard)
         if handle is None:
@@ -191,7 +190,12 @@ class ShardStream:
                 self._handles.pop(next(iter(self._handles))).close()
             handle = self._handles[shard] = open(self.files[shard], "rb")  # noqa: SIM115 (kept open, per worker)
         handle.seek(int(self.start[ref]))
-        members = tar_members(handle.read(int(self.end[ref] - self.start[ref])))
+        return tar_members(handle.read(int(self.end[ref] - self.start[ref])))
+
+    def load(self, ref: int) -> dict[str, Any]:
+        """Sample ``ref``: encoded, its columns (:func:`~cornstarch.data.encoded_shards.read_sample`); raw, its
+        ``messages`` and ``images`` (encoded bytes, decoded by the collator)."""
+        members = self.members(ref)
         if self.encoding is not None:
             return read_sample(members)
         meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))

@@ -29,6 +29,12 @@ OPT_OUT = "CORNSTARCH_KEEP_FREED_MEMORY"  # "0": leave glibc's defaults
 applied = False
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc's ``malloc`` (the only one :func:`keep_freed_host_memory`
+    tunes)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_host_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse: blocks up to 32 MiB come from the heap, and up to
     ``trim_threshold`` bytes of free heap stay in the process instead of being returned to the kernel (and
@@ -46,9 +52,7 @@ def keep_freed_host_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     (32, 1)
     """
     global applied
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if os.environ.get(OPT_OUT) == "0":
+    if not on_glibc() or os.environ.get(OPT_OUT) == "0":
         return False
     if any(name in os.environ for name in USER_SETTINGS):
         log.info("glibc malloc tunables set in the environment (%s): kept as they are",

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's malloc only")
+from cornstarch.lit.host_memory import on_glibc
+
+pytestmark = pytest.mark.skipif(not on_glibc(), reason="glibc's malloc only")
 
 STEPS = """
 import json, resource, sys, torch
@@ -39,11 +39,16 @@ print(json.dumps({"applied": applied, "faults": faults[3:]}))
 """
 
 
-def run(mode: str, **env: str) -> dict:
+def python(code: str, *args: str, **env: str) -> str:
+    """The last line ``code`` prints, run in a fresh interpreter without the caller's ``MALLOC_*`` settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
                          env={**clean, **env}).stdout
-    return json.loads(out.splitlines()[-1])
+    return out.splitlines()[-1]
+
+
+def run(mode: str, **env: str) -> dict:
+    return json.loads(python(STEPS, mode, **env))
 
 
 def test_freed_gradients_are_reused_instead_of_page_faulted_in_every_step():
@@ -62,6 +67,4 @@ def test_the_cornstarch_command_applies_it():
     code = ("from cornstarch.lit import cli, host_memory\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(host_memory.applied)")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=clean).stdout
-    assert out.splitlines()[-1] == "True"
+    assert python(code) == "True"
