@@ -17,7 +17,10 @@ point. Peak memory is the bench's ``peak_step_bytes``: bytes of tensors alive du
 (parameters, gradients, AdamW state, activations, temporaries) from torch's memory profile, not the process's RSS.
 Each point also counts both models' forward + backward FLOPs (torch's ``FlopCounterMode``): their ratio is what
 skipping work can give when every FLOP costs the same and nothing else (the optimizer, memory-bound passes) takes
-time; it does not depend on the machine's load.
+time; it does not depend on the machine's load. And each point times HF Llava's own code with cornstarch's two skips
+(``LlavaWithTheSameSkips``: logits only where a token is supervised, the tower cut at the selected layer): HF's
+time over that one is what skipping work gives on this machine, with the optimizer and every memory-bound pass
+counted; beyond it, cornstarch would have to run transformers' layers faster than transformers does.
 
 Writes a table (stdout), ``scaling.json`` (raw numbers) and one PNG per curve, ``scaling_<curve>.png``: step time
 of both with the HF/cornstarch time and FLOP ratios on a second axis, and peak memory of both; machine and command
@@ -59,6 +62,7 @@ from step_vs_hf_llava import (  # noqa: E402
     cornstarch_from_llava,
     flag,
     interleaved_median_ms,
+    LlavaWithTheSameSkips,
     make_batch,
     make_step,
     pass_flops,
@@ -95,12 +99,14 @@ def multi_image_batch(spec: Spec, images: int, seed: int = 0) -> dict[str, torch
 
 
 CHUNKED = "cs_chunked"  # cornstarch with MultimodalModel.loss_chunk_size set (--loss-chunk-size)
+SKIPS = "hf_skips"  # HF Llava's own code with cornstarch's two skips: the bound of skipping work
 
 
 def measure_point(spec: Spec, images: int, warmup: int, repeats: int, loss_chunk_size: int | None = None) -> dict:
     """Step time (median ms), peak step memory (bytes) and forward + backward FLOPs (torch's counter) of HF Llava
-    and cornstarch at one point; with ``loss_chunk_size``, also of cornstarch with its fused chunked head + loss
-    (``CHUNKED``), timed interleaved with the other two."""
+    and cornstarch at one point, and the step time of HF Llava with cornstarch's skips (``SKIPS``,
+    ``LlavaWithTheSameSkips``); with ``loss_chunk_size``, also of cornstarch with its fused chunked head + loss
+    (``CHUNKED``). All timed interleaved."""
     start = time.perf_counter()
     llava = build_llava(spec, "full").train()
     mllm = cornstarch_from_llava(llava).train()
@@ -113,6 +119,8 @@ def measure_point(spec: Spec, images: int, warmup: int, repeats: int, loss_chunk
         models[CHUNKED].loss_chunk_size = loss_chunk_size
         dloss = max(dloss, assert_same_loss({"hf": llava, CHUNKED: models[CHUNKED]}, batch))
     peak = {name: peak_step_bytes(copy.deepcopy(model), batch) for name, model in models.items()}
+    models[SKIPS] = LlavaWithTheSameSkips(llava).train()
+    dloss = max(dloss, assert_same_loss({"hf": llava, SKIPS: models[SKIPS]}, batch))
     ms, busy = interleaved_median_ms({n: make_step(m, batch, adamw(m)) for n, m in models.items()}, warmup, repeats)
     return {"ms": ms, "peak_bytes": peak, "flops": flops, "dloss": dloss, "busy": busy,
             "tokens_per_sample": int(batch["input_ids"].shape[1]), "batch": spec.batch, "images": images,
@@ -150,6 +158,12 @@ def ratios(point: dict) -> tuple[float, float]:
     return point["ms"]["hf"] / point["ms"]["cs"], point["peak_bytes"]["cs"] / point["peak_bytes"]["hf"]
 
 
+def skipping_bound(point: dict) -> float | None:
+    """HF / (HF with cornstarch's skips) step time: the most skipping work gives at this point (None in records
+    made before it was measured)."""
+    return point["ms"]["hf"] / point["ms"][SKIPS] if SKIPS in point["ms"] else None
+
+
 def flop_ratio(point: dict) -> float:
     """HF/cs forward + backward FLOPs: the speed-up skipping work gives if every FLOP costs the same and nothing
     else (optimizer, memory-bound passes) takes time."""
@@ -158,22 +172,22 @@ def flop_ratio(point: dict) -> float:
 
 def print_header(curve: str) -> None:
     print(f"{LABELS[curve]}:")
-    print(f"    {'x':>5}{'tokens':>8}{'HF ms':>10}{'cs ms':>10}{'HF/cs':>7}{'FLOPs':>7}{'HF MB':>9}{'cs MB':>9}"
-          f"{'cs/HF':>7}  |dloss|   other CPU")
-    print(f"    {'':>33}{'time':>7}{'HF/cs':>7}{'peak':>9}{'peak':>9}{'memory':>7}")
+    print(f"    {'x':>5}{'tokens':>8}{'HF ms':>10}{'cs ms':>10}{'HF/cs':>7}{'FLOPs':>7}{'skips':>7}{'HF MB':>9}"
+          f"{'cs MB':>9}{'cs/HF':>7}  |dloss|   other CPU")
+    print(f"    {'':>33}{'time':>7}{'HF/cs':>7}{'bound':>7}{'peak':>9}{'peak':>9}{'memory':>7}")
 
 
 def print_point(curve: str, p: dict) -> None:
     speed, memory = ratios(p)
     miss = ("" if speed >= SPEED_TARGET else "  < time target") + ("" if memory <= MEMORY_TARGET else "  > memory")
     print(f"    {p['x']:>5}{p['tokens_per_sample']:>8}{p['ms']['hf']:>10.1f}{p['ms']['cs']:>10.1f}{speed:>7.2f}"
-          f"{flop_ratio(p):>7.2f}{p['peak_bytes']['hf'] / MB:>9.1f}{p['peak_bytes']['cs'] / MB:>9.1f}{memory:>7.2f}"
+          f"{flop_ratio(p):>7.2f}{skipping_bound(p):>7.2f}{p['peak_bytes']['hf'] / MB:>9.1f}{p['peak_bytes']['cs'] / MB:>9.1f}{memory:>7.2f}"
           f"  {p['dloss']:.1e}  "
           f"{flag(p['busy'])}{miss}", flush=True)
     if CHUNKED in p["ms"]:
         ms, peak = p["ms"][CHUNKED], p["peak_bytes"][CHUNKED]
         print(f"    {'':>5}{'':>8}{'loss_chunk_size ' + str(p['loss_chunk_size']):>20}{ms:>10.1f}"
-              f"{p['ms']['hf'] / ms:>7.2f}{'':>7}{'':>9}{peak / MB:>9.1f}{peak / p['peak_bytes']['hf']:>7.2f}",
+              f"{p['ms']['hf'] / ms:>7.2f}{'':>7}{'':>7}{'':>9}{peak / MB:>9.1f}{peak / p['peak_bytes']['hf']:>7.2f}",
               flush=True)
 
 
@@ -198,6 +212,9 @@ def plot_curve(curve: str, points: list[dict], path: Path, title: str) -> None:
     ratio_axis = left.twinx()
     ratio_axis.plot(xs, [ratios(p)[0] for p in points], "s--", color="tab:green", label="HF / cornstarch, time")
     ratio_axis.plot(xs, [flop_ratio(p) for p in points], "^:", color="tab:gray", label="HF / cornstarch, FLOPs")
+    if all(SKIPS in p["ms"] for p in points):
+        ratio_axis.plot(xs, [skipping_bound(p) for p in points], "v-.", color="tab:purple", lw=0.9,
+                        label="HF / HF with cornstarch's skips, time (the bound of skipping)")
     if chunked:
         ratio_axis.plot(xs, [p["ms"]["hf"] / p["ms"][CHUNKED] for p in points], "s--", color="tab:olive",
                         label="HF / cornstarch with loss_chunk_size, time")

@@ -55,6 +55,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -179,6 +180,46 @@ def cornstarch_from_llava(llava: tf.LlavaForConditionalGeneration, truncate: boo
     mllm = MultimodalModel({"vision": ModalEncoderModule(clip, projector=projector, **selection)}, llama)
     mllm.set_modality_token_ids({"vision": config.image_token_id})
     return mllm
+
+
+class LlavaWithTheSameSkips(torch.nn.Module):
+    """HF Llava's own code doing only the work cornstarch does: the bound of skipping work.
+
+    cornstarch's train step differs from Llava's by two skips: logits and loss only where a token is supervised, and
+    the tower stopped at the selected layer. Both are open to Llava's own forward: transformers' ``logits_to_keep``
+    (a boolean ``[batch, seq]`` mask: the positions whose next token is supervised) and a copy of the model whose
+    tower ends at ``vision_feature_layer`` (its later layers dropped, the selection then its last hidden state).
+    What remains is the same decoder and tower layers run by transformers' own code, so ``HF / this`` is the most
+    skipping work gives on a machine; a larger ratio needs transformers' layers to run faster than transformers
+    runs them (compiling). The loss (mean cross-entropy over the supervised tokens) equals Llava's and cornstarch's.
+
+    Args:
+        llava: the model to copy (left unchanged; the copy holds equal weights).
+
+    >>> llava = build_llava(QUICK, "full")
+    >>> batch = make_batch(QUICK)
+    >>> abs(loss_of(LlavaWithTheSameSkips(llava), batch) - loss_of(llava, batch)) < 1e-5
+    True
+    """
+
+    def __init__(self, llava: tf.LlavaForConditionalGeneration):
+        super().__init__()
+        self.llava = copy.deepcopy(llava)
+        config, tower = self.llava.config, self.llava.model.vision_tower
+        layers = tower.encoder.layers
+        kept = len(layers) + 1 + config.vision_feature_layer  # hidden_states[0] is the embeddings' output
+        tower.encoder.layers = layers[:kept]
+        tower.config.num_hidden_layers = config.vision_config.num_hidden_layers = kept
+        config.vision_feature_layer = -1
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                labels: torch.Tensor) -> SimpleNamespace:
+        next_supervised = torch.cat([labels[:, 1:] != IGNORE_INDEX, torch.zeros_like(labels[:, :1], dtype=torch.bool)],
+                                    dim=1)
+        logits = self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            logits_to_keep=next_supervised).logits  # [supervised tokens, vocab]
+        targets = labels[:, 1:][next_supervised[:, :-1]]
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), targets))
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
