@@ -10,14 +10,15 @@ differently) before both are cast to bfloat16 (parameters, gradients and fused A
 bf16: no float32 master weights).
 
 Reported, all trainable and with the tower frozen: the median step time (forward + backward + fused
-``AdamW.step()`` + ``zero_grad``; steps of the two models interleaved, the device synchronised after each), the
-ratio HF/cornstarch, the peak device memory of a step, and the model-FLOPs utilisation: the FLOPs of cornstarch's
+``AdamW.step()`` + ``zero_grad``; steps of the models interleaved, the device synchronised after each), the
+ratio HF/cornstarch, the bound of skipping work (HF Llava's own code given cornstarch's two skips,
+``LlavaWithTheSameSkips``: HF over it is what skipping gives on the device), the peak device memory of a step, and the model-FLOPs utilisation: the FLOPs of cornstarch's
 forward + backward (torch's ``FlopCounterMode``: the model's work, the optimizer excluded) per second of a step,
 over (a) the best bf16 GEMM rate measured in the same run (8192² matmuls, several times through the run) and
 (b) the GPU's datasheet dense bf16 peak where known (H100/H200 SXM 989 TFLOP/s). HF's rate of its own counted FLOPs
 (which include logits at every position) is printed beside it.
 
-Designed to finish in under 4 minutes on one H200: ``python bench/gpu_recipe.py`` (``--json PATH`` to keep the
+Designed to finish in a few minutes on one H200: ``python bench/gpu_recipe.py`` (``--json PATH`` to keep the
 numbers). ``python bench/gpu_recipe.py --quick --device cpu`` runs the same code on tiny sizes in seconds.
 """
 
@@ -41,6 +42,7 @@ from step_vs_hf_llava import (  # noqa: E402
     fill_defaults,
     MB,
     QUICK,
+    LlavaWithTheSameSkips,
     Spec,
     adamw,
     loss_of,
@@ -63,6 +65,7 @@ DATASHEET_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
 
 
 LOSS_RTOL = 1e-5
+SKIPS = "hf_skips"  # HF Llava's own code with cornstarch's two skips (step_vs_hf_llava.LlavaWithTheSameSkips)
 
 
 def flop_text(flops: float) -> str:
@@ -125,25 +128,26 @@ def peak_device_bytes(step: Callable[[], None], model: torch.nn.Module, optimize
     return torch.cuda.max_memory_allocated(device) - before + resident
 
 
-def build_pair(spec: Spec, device: torch.device) -> dict[str, torch.nn.Module]:
-    """HF Llava (layer -2, CLS dropped) and cornstarch with the same weights, float32, on ``device``."""
+def build_models(spec: Spec, device: torch.device) -> dict[str, torch.nn.Module]:
+    """HF Llava (layer -2, CLS dropped), cornstarch and HF Llava with cornstarch's two skips (``SKIPS``: the bound of
+    skipping work), all with the same weights, float32, on ``device``."""
     with torch.device(device):
         llava = build_llava(spec, "default").train()
         mllm = cornstarch_from_llava(llava).train()
-    return {"hf": llava, "cs": mllm}
+    return {"hf": llava, "cs": mllm, SKIPS: LlavaWithTheSameSkips(llava).train()}
 
 
 def run_mode(spec: Spec, frozen: bool, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int,
              gemm_size: int, rates: list[float]) -> dict:
     """One training mode (all trainable, or tower frozen): losses checked, step times, memory, FLOPs."""
-    models = build_pair(spec, device)
+    models = build_models(spec, device)
     cpu_batch = make_batch(spec, image_tokens=spec.patches)
     hf_batch = {k: v.to(device) for k, v in cpu_batch.items()}
     # computed on the CPU, as cornstarch's data layer does, so that forward never waits for the device
     positions = supervised_positions(cpu_batch["labels"]).to(device)
-    batches = {"hf": hf_batch, "cs": {**hf_batch, SUPERVISED_POSITIONS: positions}}
+    batches = {"hf": hf_batch, "cs": {**hf_batch, SUPERVISED_POSITIONS: positions}, SKIPS: dict(hf_batch)}
     fp32 = {name: loss_of(model, batches[name]) for name, model in models.items()}
-    dloss_fp32 = abs(fp32["hf"] - fp32["cs"])
+    dloss_fp32 = max(abs(fp32["hf"] - fp32[name]) for name in ("cs", SKIPS))
     assert dloss_fp32 <= LOSS_RTOL * abs(fp32["hf"]), f"float32 losses differ: {fp32}"
     for name, model in models.items():
         model.to(dtype)
@@ -178,6 +182,8 @@ def report(mode: str, r: dict, gemm_peak: float, datasheet: float | None) -> Non
         peak = "" if r["peak_bytes"][name] is None else f", peak {r['peak_bytes'][name] / MB:,.0f} MB"
         print(f"    {name}: {ms[name]:8.1f} ms/step, {flop_text(flops[name])}FLOP counted (fwd+bwd), "
               f"{flop_text(rate)}FLOP/s of its own count{peak}")
+    print(f"    bound of skipping work: HF Llava's own code with cornstarch's two skips {ms[SKIPS]:.1f} ms/step, "
+          f"HF/it {ms['hf'] / ms[SKIPS]:.2f}x; cornstarch takes {ms['cs'] / ms[SKIPS]:.2f} of its time")
     print(f"    HF/cs {ms['hf'] / ms['cs']:.2f}x; model FLOPs (cornstarch's count) {flop_text(model_rate)}FLOP/s = "
           f"MFU {model_rate / gemm_peak:.1%} of the measured GEMM peak"
           + (f", {model_rate / datasheet:.1%} of the datasheet peak" if datasheet else ""))

@@ -226,7 +226,8 @@ def freeze_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, MultimodalModel):
         model.train(encoders_mode={"vision": (False, True)}, llm_mode=True)
     else:
-        model.model.vision_tower.requires_grad_(False)
+        llava = model.llava if isinstance(model, LlavaWithTheSameSkips) else model
+        llava.model.vision_tower.requires_grad_(False)
     return model
 
 
