@@ -15,6 +15,9 @@ Also printed, for cornstarch: the shares of its ``generate`` time spent in the L
 (the same products on the same weights as HF's), and the ratio to HF that would follow if everything but those
 products cost nothing (the ceiling of any change that keeps the same products).
 
+Also timed: ``llava_forwards_alone``, the model's own forwards and nothing else (the same tokens): HF's time over
+its time ("bound") is the most that removing ``generate``'s bookkeeping can give.
+
 With ``--compile``, also ``MultimodalModel.compile_generation = True`` (decode steps through ``torch.compile``
 with a static cache): its time per call, its first call (the compilation, once per batch size) and the number of
 calls after which the compilation has paid for itself against the eager loop.
@@ -90,9 +93,8 @@ def llava_forwards_alone(llava: tf.LlavaForConditionalGeneration, inputs: dict[s
 
     The least any greedy decoder built on the model's forwards does: Llava's forward on the prompt once (the tower,
     logits at the last position), then per new token the language model's own forward with the KV cache, the head
-    on its last position and argmax; rows that ended get
-    ``PAD``, and the loop stops when every row has ended. Positions come from the attention mask as in ``generate``,
-    so the tokens are ``llava.generate``'s.
+    on its last position and argmax; rows that ended get ``PAD``, and the loop stops when every row has ended.
+    Positions come from the attention mask as in ``generate``, so the tokens are ``llava.generate``'s.
 
     Returns:
         ``[batch, prompt + generated]`` token ids, as ``generate`` returns them.

@@ -12,9 +12,9 @@ bf16: no float32 master weights).
 Reported, all trainable and with the tower frozen: the median step time (forward + backward + fused
 ``AdamW.step()`` + ``zero_grad``; steps of the models interleaved, the device synchronised after each), the
 ratio HF/cornstarch, the bound of skipping work (HF Llava's own code given cornstarch's two skips,
-``LlavaWithTheSameSkips``: HF over it is what skipping gives on the device), the peak device memory of a step, and the model-FLOPs utilisation: the FLOPs of cornstarch's
-forward + backward (torch's ``FlopCounterMode``: the model's work, the optimizer excluded) per second of a step,
-over (a) the best bf16 GEMM rate measured in the same run (8192² matmuls, several times through the run) and
+``LlavaWithTheSameSkips``: HF over it is what skipping gives on the device), the peak device memory of a step,
+and the model-FLOPs utilisation: the FLOPs of cornstarch's forward + backward (torch's ``FlopCounterMode``: the
+model's work, the optimizer excluded) per second of a step, over (a) the best bf16 GEMM rate measured in the same run (8192² matmuls, several times through the run) and
 (b) the GPU's datasheet dense bf16 peak where known (H100/H200 SXM 989 TFLOP/s). HF's rate of its own counted FLOPs
 (which include logits at every position) is printed beside it.
 
@@ -43,6 +43,7 @@ from step_vs_hf_llava import (  # noqa: E402
     MB,
     QUICK,
     LlavaWithTheSameSkips,
+    SKIPS,
     Spec,
     adamw,
     loss_of,
@@ -65,7 +66,6 @@ DATASHEET_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
 
 
 LOSS_RTOL = 1e-5
-SKIPS = "hf_skips"  # HF Llava's own code with cornstarch's two skips (step_vs_hf_llava.LlavaWithTheSameSkips)
 
 
 def flop_text(flops: float) -> str:

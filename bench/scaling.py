@@ -63,6 +63,7 @@ from step_vs_hf_llava import (  # noqa: E402
     flag,
     interleaved_median_ms,
     LlavaWithTheSameSkips,
+    SKIPS,
     make_batch,
     make_step,
     pass_flops,
@@ -99,7 +100,6 @@ def multi_image_batch(spec: Spec, images: int, seed: int = 0) -> dict[str, torch
 
 
 CHUNKED = "cs_chunked"  # cornstarch with MultimodalModel.loss_chunk_size set (--loss-chunk-size)
-SKIPS = "hf_skips"  # HF Llava's own code with cornstarch's two skips: the bound of skipping work
 
 
 def measure_point(spec: Spec, images: int, warmup: int, repeats: int, loss_chunk_size: int | None = None) -> dict:

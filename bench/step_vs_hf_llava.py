@@ -182,6 +182,9 @@ def cornstarch_from_llava(llava: tf.LlavaForConditionalGeneration, truncate: boo
     return mllm
 
 
+SKIPS = "hf_skips"  # the results' key of LlavaWithTheSameSkips
+
+
 class LlavaWithTheSameSkips(torch.nn.Module):
     """HF Llava's own code doing only the work cornstarch does: the bound of skipping work.
 
