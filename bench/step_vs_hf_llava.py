@@ -81,7 +81,7 @@ from cornstarch.models.multimodal_language_model import (  # noqa: E402
     MultimodalProjectorConfig,
 )
 from cornstarch.models.multimodal_language_model.chunked_loss import chunked_head_loss  # noqa: E402
-from cornstarch.batch import IGNORE_INDEX  # noqa: E402
+from cornstarch.batch import IGNORE_INDEX, next_labels  # noqa: E402
 from cornstarch.models.multimodal_language_model.supervised_loss import (  # noqa: E402
     causal_lm_loss,
     next_token_targets,
@@ -217,12 +217,11 @@ class LlavaWithTheSameSkips(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 labels: torch.Tensor) -> SimpleNamespace:
-        next_supervised = torch.cat([labels[:, 1:] != IGNORE_INDEX, torch.zeros_like(labels[:, :1], dtype=torch.bool)],
-                                    dim=1)
+        targets = next_labels(labels)  # [batch, seq]: the label each position predicts
+        next_supervised = targets != IGNORE_INDEX
         logits = self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                             logits_to_keep=next_supervised).logits  # [supervised tokens, vocab]
-        targets = labels[:, 1:][next_supervised[:, :-1]]
-        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), targets))
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), targets[next_supervised]))
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
